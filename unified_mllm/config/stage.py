@@ -1,0 +1,222 @@
+"""The typed config tree of a training stage: ``stage_configs/<stage>.yaml`` → :class:`StageConfig`.
+
+Each component reads only its own section (``cfg.optim`` goes to the optimizer builder, ``cfg.data`` to
+the data pipeline, …). Every field has a docstring under it; ``train_stage.py --help`` prints them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from unified_mllm.config.base import check
+
+STAGES = ("align", "sft", "t2i", "mixed")
+Stage = Literal["align", "sft", "t2i", "mixed"]
+
+
+@dataclass
+class LLMConfig:
+    path: str | None = None
+    """Local directory of a Hugging Face causal LM (e.g. Qwen2.5-1.5B-Instruct). Null: build from `arch` at random init."""
+    arch: dict[str, Any] = field(default_factory=dict)
+    """With `path` null: a transformers config for random init, e.g. {model_type: qwen2, hidden_size: 256, ...}."""
+    text_tokenizer: str | None = None
+    """Directory (or SentencePiece .model file) of the text tokenizer. Null: the one saved beside `path`."""
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    """Attention kernel. auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
+
+    def __post_init__(self) -> None:
+        check(self.path is not None or bool(self.arch), "path", "set a local model path or an `arch` for random init")
+
+
+@dataclass
+class ProjectorConfig:
+    type: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    """Understanding projector from vision features to LLM embeddings (LLaVA-1.5 uses mlp2x_gelu)."""
+
+
+@dataclass
+class GenerationHeadConfig:
+    embedding: Literal["sum", "causal_proj"] = "sum"
+    """Pixel-code input embedding: sum of per-sub-codebook embeddings (LlamaGen), or WinTok codebook lookup + causal projection (UniTok/Liquid)."""
+    head: Literal["depth", "parallel"] = "depth"
+    """Sub-code predictor: a small depth transformer over the sub-codes of a position, or independent parallel heads."""
+    depth_layers: int = 2
+    """Layers of the depth transformer (head: depth)."""
+
+    def __post_init__(self) -> None:
+        check(self.depth_layers >= 1, "depth_layers", f"must be >= 1, got {self.depth_layers}")
+
+
+@dataclass
+class ModelConfig:
+    llm: LLMConfig = field(default_factory=lambda: LLMConfig(arch={"model_type": "qwen2"}))
+    """The language model backbone."""
+    wintok: str | None = None
+    """WinTok checkpoint: a save_pretrained directory, a released .pth, or .safetensors. Frozen in every stage."""
+    understanding_input: Literal["semantic", "pixel", "both"] = "semantic"
+    """What the LLM sees of an image: WinTok semantic tokens, pixel-code embeddings, or both concatenated."""
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    """Understanding projector."""
+    generation: GenerationHeadConfig = field(default_factory=GenerationHeadConfig)
+    """Image-generation embedding and head."""
+    init_from: str | None = None
+    """A previous stage's exported directory to start from (align → sft → t2i). Null: fresh projector and heads."""
+
+
+@dataclass
+class TrainablesConfig:
+    projector: bool = True
+    """Train the understanding projector."""
+    llm: Literal["frozen", "full", "lora"] = "full"
+    """How the LLM trains. Under lora, new token rows, projector and generation modules still train fully."""
+    generation: bool = False
+    """Train the generation embedding and head."""
+    lora_rank: int = 64
+    """LoRA rank (llm: lora)."""
+    lora_alpha: int = 128
+    """LoRA alpha (llm: lora)."""
+    lora_dropout: float = 0.05
+    """LoRA dropout (llm: lora)."""
+
+    def __post_init__(self) -> None:
+        check(self.lora_rank > 0, "lora_rank", f"must be > 0, got {self.lora_rank}")
+        check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class CFGDropConfig:
+    drop_prob: float = 0.1
+    """Probability that a training caption is replaced by the unconditional prompt (classifier-free guidance)."""
+    uncond_prompt: str = "<unconditional>"
+    """The unconditional prompt; inference uses the same one for the unconditional branch."""
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.drop_prob <= 1.0, "drop_prob", f"must be in [0, 1], got {self.drop_prob}")
+
+
+@dataclass
+class DataConfig:
+    recipe: str = "data_recipes/shapeworld_sft.yaml"
+    """Data recipe YAML (sources, weights, tasks), relative to the project root or absolute."""
+    max_seq_len: int = 2048
+    """Context length of a training sequence (tokens, image slots included)."""
+    packing: bool = True
+    """Pack samples to max_seq_len with position ids restarting per sample and no cross-sample attention; false pads."""
+    template: str = "auto"
+    """Chat template: auto (plain for align, the LLM's own for sft), plain, or a registered explicit template."""
+    cfg: CFGDropConfig = field(default_factory=CFGDropConfig)
+    """Caption dropout for classifier-free guidance (shared with inference)."""
+    on_bad_sample: Literal["skip", "error"] = "skip"
+    """A corrupt image, malformed record or over-long sample: skip it (counted and logged) or stop with an error."""
+    num_workers: int = 2
+    """Data-loader worker processes."""
+    seed: int = 0
+    """Seed of the mixture interleaving and caption dropout."""
+
+    def __post_init__(self) -> None:
+        check(self.max_seq_len >= 16, "max_seq_len", f"must be >= 16, got {self.max_seq_len}")
+        check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_ratio: float = 0.03
+    """Fraction of max_steps spent in linear warm-up."""
+    min_lr_ratio: float = 0.0
+    """Cosine decay floor as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0 disables)."""
+    max_steps: int = 1000
+    """Optimizer steps in the stage."""
+    micro_batch_size: int = 4
+    """Sequences per device per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    text_loss_weight: float = 1.0
+    """Weight of the text-token loss."""
+    image_loss_weight: float = 1.0
+    """Weight of the image-token (pixel-code) loss."""
+    task_ratio: dict[str, float] = field(default_factory=dict)
+    """Stage mixed: share of steps per task, e.g. {understanding: 0.5, generation: 0.5}. Empty: from recipe weights."""
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        check(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
+        check(self.micro_batch_size > 0, "micro_batch_size", f"must be > 0, got {self.micro_batch_size}")
+        check(self.grad_accum > 0, "grad_accum", f"must be > 0, got {self.grad_accum}")
+        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        for task, share in self.task_ratio.items():
+            check(share >= 0, f"task_ratio.{task}", f"must be >= 0, got {share}")
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "stage_configs/deepspeed/zero2.json"
+    """DeepSpeed JSON (zero2, zero3, zero3_offload shipped); batch sizes, lr and clipping are filled from this config."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on CUDA with bf16 support, fp32 on CPU."""
+    gradient_checkpointing: bool = False
+    """Recompute LLM activations in the backward pass to save memory."""
+
+
+@dataclass
+class CheckpointConfig:
+    output_dir: str = "runs/default"
+    """Where checkpoints, logs and the final export go."""
+    save_every: int = 500
+    """Save a resumable checkpoint every N optimizer steps (and always at the end)."""
+    keep_last: int = 2
+    """Resumable checkpoints to keep (older ones are deleted after a newer one is complete)."""
+    resume: str = "auto"
+    """auto: resume from the newest complete checkpoint in output_dir if any; never; or a checkpoint path."""
+
+    def __post_init__(self) -> None:
+        check(self.save_every > 0, "save_every", f"must be > 0, got {self.save_every}")
+        check(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    """Log metrics every N optimizer steps."""
+    jsonl: bool = True
+    """Write metrics.jsonl in the output directory."""
+    tensorboard: bool = True
+    """Write TensorBoard events in the output directory."""
+    wandb_project: str | None = None
+    """Weights & Biases project (wandb must be installed); null disables."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar on rank 0."""
+
+
+@dataclass
+class StageConfig:
+    stage: Stage = "sft"
+    """Which stage this is: align, sft, t2i or mixed."""
+    seed: int = 42
+    """Global seed (model init, data order, dropout)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model: LLM, WinTok, projector, generation head."""
+    train: TrainablesConfig = field(default_factory=TrainablesConfig)
+    """What trains in this stage (WinTok never does)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data recipe, template, packing."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    """DeepSpeed engine settings."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and resume."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
