@@ -6,7 +6,18 @@ import sys
 
 
 def run_stage(cfg) -> int:
-    """Train one stage from its resolved config. Returns the process exit code."""
-    print(f"stage {cfg.stage}: the config is valid, but the training engine is not built yet "
-          "(see the staged-training issue); nothing was trained.", file=sys.stderr)
-    return 3
+    """Train one stage from its resolved config; returns the exit code (also ends worker processes cleanly)."""
+    from unified_mllm.config import ConfigError
+    from unified_mllm.training.distributed import finish
+    from unified_mllm.training.trainer import NonFiniteLoss, StageTrainer
+
+    try:
+        code = StageTrainer(cfg).fit()
+    except NonFiniteLoss as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        code = 4
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    finish(code)
+    return code

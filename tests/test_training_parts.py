@@ -1,0 +1,68 @@
+"""Training building blocks: schedule, DeepSpeed config filling, checkpoint atomicity, RNG round trip."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from unified_mllm.config import ConfigError, load_config
+from unified_mllm.config.stage import StageConfig
+from unified_mllm.training.checkpoint import CheckpointManager, _from_safe, _to_safe
+from unified_mllm.training.ds_config import build_ds_config, zero_stage
+from unified_mllm.training.rng import rng_state, set_rng_state
+from unified_mllm.training.schedule import lr_factor
+
+
+def cfg_with(**optim) -> StageConfig:
+    return load_config(StageConfig, {"optim": optim})
+
+
+def test_warmup_then_cosine_to_floor() -> None:
+    optim = cfg_with(max_steps=100, warmup_ratio=0.1, min_lr_ratio=0.1).optim
+    factors = [lr_factor(s, optim) for s in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(factors[:10], factors[1:10]))  # warm-up rises
+    assert all(a >= b for a, b in zip(factors[10:100], factors[11:100]))  # cosine falls
+    assert factors[100] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(("name", "stage"), [("zero2", 2), ("zero3", 3), ("zero3_offload", 3)])
+def test_ds_config_fills_every_auto(name: str, stage: int) -> None:
+    cfg = load_config(StageConfig, {"deepspeed": {"config": f"stage_configs/deepspeed/{name}.json"},
+                                    "optim": {"micro_batch_size": 3, "grad_accum": 2, "grad_clip": 0.5}})
+    ds = build_ds_config(cfg.deepspeed, cfg.optim, world_size=2)
+    assert "auto" not in json.dumps(ds)
+    assert ds["train_batch_size"] == 12 and ds["gradient_clipping"] == 0.5 and zero_stage(ds) == stage
+    assert ds["bf16"]["enabled"] is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert ("optimizer" in ds) is (name == "zero3_offload")
+
+
+def test_ds_config_missing_file_names_the_field() -> None:
+    cfg = load_config(StageConfig, {"deepspeed": {"config": "stage_configs/deepspeed/nope.json"}})
+    with pytest.raises(ConfigError, match="nope.json.*not found"):
+        build_ds_config(cfg.deepspeed, cfg.optim, 1)
+
+
+def test_partial_checkpoint_is_never_latest(tmp_path) -> None:
+    mgr = CheckpointManager(tmp_path, keep_last=2, rank=0)
+    root = tmp_path / "checkpoints"
+    (root / "step_00000010").mkdir(parents=True)
+    (root / "step_00000010" / "meta.json").write_text("{}")
+    (root / "step_00000020.partial").mkdir()  # killed mid-save
+    (root / "step_00000030").mkdir()  # no meta.json: incomplete
+    assert mgr.latest() == root / "step_00000010"
+
+
+def test_rng_state_survives_weights_only_round_trip(tmp_path) -> None:
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    state = rng_state()
+    torch.save(_to_safe(state), tmp_path / "s.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(_from_safe(torch.load(tmp_path / "s.pt", weights_only=True)))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

@@ -1,0 +1,109 @@
+"""Atomic, resumable stage checkpoints.
+
+Layout under ``<output_dir>/checkpoints/``::
+
+    step_00000200/             complete checkpoint (a directory only gets this name once everything is written)
+      ds/state/...             DeepSpeed engine state: model, optimizer, scheduler (engine.save_checkpoint)
+      trainer_rank0.pt         step, data-loader position, RNG states (per rank; plain tensors/lists, weights_only)
+      meta.json                step, stage, world size, the resolved config
+    step_00000400.partial/     a save in progress (or killed mid-save): never resumed from, removed by the next save
+
+A run killed while saving leaves only a ``.partial`` directory, so it never looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from unified_mllm.training.distributed import barrier
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+DS_TAG = "state"
+
+
+def _to_safe(obj: Any) -> Any:
+    """Make an RNG/data state loadable with ``torch.load(weights_only=True)`` (no numpy objects)."""
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(obj.copy()), "dtype": str(obj.dtype)}
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _to_safe(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_to_safe(v) for v in obj)
+    if isinstance(obj, list):
+        return [_to_safe(v) for v in obj]
+    return obj
+
+
+def _from_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if "__ndarray__" in obj:
+            return obj["__ndarray__"].numpy().astype(obj["dtype"])
+        return {k: _from_safe(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_from_safe(v) for v in obj)
+    if isinstance(obj, list):
+        return [_from_safe(v) for v in obj]
+    return obj
+
+
+class CheckpointManager:
+    def __init__(self, output_dir: str | Path, keep_last: int, rank: int):
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.rank = rank
+
+    def complete_checkpoints(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "meta.json").is_file()]
+        return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+    def latest(self) -> Path | None:
+        done = self.complete_checkpoints()
+        return done[-1] if done else None
+
+    def save(self, engine, step: int, trainer_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        final = self.root / f"step_{step:08d}"
+        partial = self.root / f"step_{step:08d}.partial"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("*.partial"):
+                shutil.rmtree(stale, ignore_errors=True)
+            if final.exists():  # re-saving the same step (e.g. the end of a resumed run)
+                shutil.rmtree(final)
+            partial.mkdir(parents=True)
+        barrier()
+        engine.save_checkpoint(str(partial / "ds"), tag=DS_TAG)
+        torch.save(_to_safe(trainer_state), partial / f"trainer_rank{self.rank}.pt")
+        barrier()
+        if self.rank == 0:
+            meta = {**meta, "step": step, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+            (partial / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+            partial.rename(final)  # atomic: the directory is complete from the moment it has its name
+            for old in self.complete_checkpoints()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    def load(self, engine, path: Path) -> dict[str, Any]:
+        """Restore the engine (model, optimizer, scheduler) and return this rank's trainer state."""
+        load_path, _ = engine.load_checkpoint(str(path / "ds"), tag=DS_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"{path}: DeepSpeed state missing or unreadable; delete this checkpoint "
+                                    f"directory to resume from an earlier one")
+        state_file = path / f"trainer_rank{self.rank}.pt"
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{state_file}: missing — the checkpoint was written with another number of "
+                                    f"processes; resume with the same world size")
+        return _from_safe(torch.load(state_file, map_location="cpu", weights_only=True))

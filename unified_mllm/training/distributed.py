@@ -1,0 +1,70 @@
+"""Process-group set-up for one process (``python train_stage.py``) or many (``deepspeed``/``torchrun``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA); returns (rank, world_size).
+
+    A plain ``python train_stage.py`` gets single-process defaults for RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR
+    and MASTER_PORT, so DeepSpeed does not go looking for MPI.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=backend)
+    import torch.distributed as dist
+
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(value: float) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def finish(exit_code: int) -> None:
+    """End the process cleanly: flush, tear down the process group, exit without C++ static destructors.
+
+    Multi-process CPU runs under the DeepSpeed launcher can abort at interpreter exit ("terminate called without
+    an active exception"); leaving through ``os._exit`` after the group is destroyed avoids it.
+    """
+    import torch.distributed as dist
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    if world > 1:
+        os._exit(exit_code)
+    sys.exit(exit_code)

@@ -1,0 +1,73 @@
+"""Fill a shipped DeepSpeed JSON (``stage_configs/deepspeed/*.json``) from the stage config."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unified_mllm.config import PROJECT_ROOT, ConfigError
+from unified_mllm.config.stage import DeepSpeedSection, OptimConfig
+
+
+def resolve_precision(section: DeepSpeedSection) -> str:
+    """'bf16' or 'fp32'. auto: bf16 on a CUDA device that supports it, fp32 elsewhere (CPU)."""
+    if section.precision != "auto":
+        if section.precision == "bf16" and not torch.cuda.is_available():
+            # bf16 on CPU runs (DeepSpeed supports it) but is slow; allowed on request.
+            return "bf16"
+        return section.precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def load_ds_json(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        p = PROJECT_ROOT / p
+    if not p.is_file():
+        raise ConfigError("deepspeed.config", path, "DeepSpeed JSON not found (shipped: stage_configs/deepspeed/"
+                          "zero2.json, zero3.json, zero3_offload.json)")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(str(p), "deepspeed.config", f"invalid JSON: {e}") from None
+
+
+def _fill(value: Any, auto: Any) -> Any:
+    return auto if value == "auto" else value
+
+
+def build_ds_config(section: DeepSpeedSection, optim: OptimConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict with every "auto" replaced by the stage config's value."""
+    cfg = copy.deepcopy(load_ds_json(section.config))
+    cfg["train_micro_batch_size_per_gpu"] = _fill(cfg.get("train_micro_batch_size_per_gpu", "auto"),
+                                                  optim.micro_batch_size)
+    cfg["gradient_accumulation_steps"] = _fill(cfg.get("gradient_accumulation_steps", "auto"), optim.grad_accum)
+    cfg["train_batch_size"] = (cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"]
+                               * world_size)
+    cfg["gradient_clipping"] = _fill(cfg.get("gradient_clipping", "auto"), optim.grad_clip)
+    precision = resolve_precision(section)
+    cfg["bf16"] = {"enabled": precision == "bf16"}
+    cfg.pop("fp16", None)
+    zero = cfg.setdefault("zero_optimization", {"stage": 0})
+    offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    if offload:
+        # ZeRO-Offload steps the optimizer on the CPU with DeepSpeedCPUAdam (compiled once, cached).
+        cfg["optimizer"] = {"type": "AdamW", "params": {
+            "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}}
+    else:
+        cfg.pop("optimizer", None)
+        cfg["zero_allow_untested_optimizer"] = True
+    cfg.pop("scheduler", None)  # the stage's warm-up + cosine schedule is passed as a client scheduler
+    return cfg
+
+
+def uses_config_optimizer(ds_cfg: dict[str, Any]) -> bool:
+    return "optimizer" in ds_cfg
+
+
+def zero_stage(ds_cfg: dict[str, Any]) -> int:
+    return int(ds_cfg.get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,76 @@
+"""Training metrics: JSONL, TensorBoard, wandb (when configured) and a progress bar — all on rank 0."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from unified_mllm.config.stage import LoggingConfig
+
+
+class MetricsLogger:
+    def __init__(self, cfg: LoggingConfig, output_dir: str | Path, rank: int, total_steps: int, start_step: int,
+                 run_config: dict[str, Any] | None = None):
+        self.cfg, self.rank = cfg, rank
+        self.enabled = rank == 0
+        self.out = Path(output_dir)
+        self._jsonl = None
+        self._tb = None
+        self._wandb = None
+        self._bar = None
+        if not self.enabled:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.jsonl:
+            self._jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.out / "tensorboard"))
+        if cfg.wandb_project:
+            import wandb  # an error here names the missing package; install wandb or unset wandb_project
+
+            self._wandb = wandb.init(project=cfg.wandb_project, config=run_config, dir=str(self.out))
+        if cfg.progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        if self._jsonl:
+            self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+        if self._wandb:
+            self._wandb.log(metrics, step=step)
+
+    def progress(self, step: int, postfix: dict[str, Any]) -> None:
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                                  refresh=False)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()
+        if self._wandb:
+            self._wandb.finish()
