@@ -101,6 +101,7 @@ def main() -> int:
     worst = min(v for cells in table.values() for v in cells.values())
     print(f"worst cell: {worst:.4f} (target >= 0.99)")
     if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"resolution": a.resolution, "num_per_category": a.num_per_category,
                                             "table": table, "worst": worst}, indent=2))
     return 0

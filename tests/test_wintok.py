@@ -1,0 +1,182 @@
+"""WinTok: released keys and shapes, encode/decode contract, save/load round trips, safe and strict loading."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tokenizer import WinTok, WinTokConfig, WinTokLoadError, preprocess
+from tokenizer.checkpoint import infer_config
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ROOT / "tests" / "fixtures" / "wintok" / "wintok_state_dict_keys_N256.txt"
+
+
+def reference_shapes(num_semantic_tokens: int = 256) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for line in KEYS.read_text().splitlines():
+        key, rest = line.split(" ", 1)
+        dims = rest[rest.index("(") + 1: rest.index(")")]
+        shape = tuple(int(d) for d in dims.split(",") if d.strip())
+        if key.startswith("query_tokens"):
+            shape = (num_semantic_tokens, shape[1])
+        out[key] = shape
+    return out
+
+
+@pytest.mark.parametrize("n", [256, 32])
+def test_released_size_has_exactly_the_released_keys_and_shapes(n: int) -> None:
+    with torch.device("meta"):
+        model = WinTok(WinTokConfig.released(num_semantic_tokens=n))
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    ref = reference_shapes(n)
+    assert len(ref) == 940
+    assert sorted(set(ours) - set(ref)) == [] and sorted(set(ref) - set(ours)) == []
+    assert {k: v for k, v in ours.items() if ref[k] != v} == {}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> WinTok:
+    torch.manual_seed(0)
+    return WinTok(WinTokConfig.tiny(num_layers=2)).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.rand(2, 3, 64, 64) * 2 - 1
+
+
+def test_encode_contract(tiny: WinTok, images: torch.Tensor) -> None:
+    c = tiny.config
+    with torch.inference_mode():
+        enc = tiny.encode(images)
+        recon = tiny.decode_codes(enc.pixel_codes)
+    assert enc.pixel_codes.dtype == torch.long and enc.pixel_codes.shape == (2, c.num_codebooks, c.num_positions)
+    assert int(enc.pixel_codes.max()) < c.codebook_size and int(enc.pixel_codes.min()) >= 0
+    assert enc.semantic_tokens.shape == (2, c.num_semantic_tokens, c.semantic_dim)
+    assert torch.allclose(enc.pooled, enc.semantic_tokens.mean(1))
+    assert enc.quant.shape == (2, c.num_positions, c.quant_dim)
+    assert recon.shape == images.shape and recon.abs().max() <= 1.0
+
+
+def test_decode_codes_equals_decoding_quant(tiny: WinTok, images: torch.Tensor) -> None:
+    with torch.inference_mode():
+        enc = tiny.encode(images)
+        assert torch.equal(tiny.decode_codes(enc.pixel_codes), tiny.decode(enc.quant))
+
+
+def test_save_pretrained_round_trip(tiny: WinTok, images: torch.Tensor, tmp_path: Path) -> None:
+    tiny.save_pretrained(tmp_path / "wt")
+    again = WinTok.from_pretrained(tmp_path / "wt")
+    assert again.config == tiny.config and again.identity_hash() == tiny.identity_hash()
+    with torch.inference_mode():
+        a, b = tiny.encode(images), again.encode(images)
+        assert torch.equal(a.pixel_codes, b.pixel_codes) and torch.equal(a.semantic_tokens, b.semantic_tokens)
+        assert torch.equal(tiny.decode_codes(a.pixel_codes), again.decode_codes(b.pixel_codes))
+
+
+def test_released_container_and_bare_state_dict_load(tiny: WinTok, images: torch.Tensor, tmp_path: Path) -> None:
+    sd = tiny.state_dict()
+    container = {"args": argparse.Namespace(lr=2e-4, num_codebooks=4), "epoch": 3, "iter": 10,
+                 "trainer": {"config": {}, "unitok": sd, "disc": {}, "unitok_optim": {}, "disc_optim": {}}}
+    torch.save(container, tmp_path / "ckpt-last.pth")
+    torch.save(sd, tmp_path / "bare.pth")
+    overrides = {"num_heads": 4, "decoder_num_heads": 4}
+    for name in ("ckpt-last.pth", "bare.pth"):
+        loaded = WinTok.from_checkpoint(tmp_path / name, **overrides)
+        assert loaded.config == tiny.config
+        with torch.inference_mode():
+            assert torch.equal(loaded.encode(images).pixel_codes, tiny.encode(images).pixel_codes)
+
+
+def test_sizes_are_inferred_from_shapes(tiny: WinTok) -> None:
+    cfg = infer_config(tiny.state_dict(), num_heads=4, decoder_num_heads=4)
+    assert cfg == tiny.config
+
+
+def test_truncated_file_gives_clear_error(tiny: WinTok, tmp_path: Path) -> None:
+    torch.save(tiny.state_dict(), tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WinTokLoadError, match="cut.pth.*(unreadable|truncated)"):
+        WinTok.from_checkpoint(tmp_path / "cut.pth")
+    tiny.save_pretrained(tmp_path / "d")
+    st = (tmp_path / "d" / "model.safetensors").read_bytes()
+    (tmp_path / "d" / "model.safetensors").write_bytes(st[:100])
+    with pytest.raises(WinTokLoadError, match="safetensors"):
+        WinTok.from_pretrained(tmp_path / "d")
+
+
+def test_wrong_keys_and_shapes_are_listed(tiny: WinTok, tmp_path: Path) -> None:
+    sd = dict(tiny.state_dict())
+    sd["extra.weight"] = torch.zeros(1)
+    del sd["conv_out.bias"]
+    torch.save(sd, tmp_path / "keys.pth")
+    with pytest.raises(WinTokLoadError) as err:
+        WinTok.from_checkpoint(tmp_path / "keys.pth", num_heads=4, decoder_num_heads=4)
+    assert "missing 1 keys: conv_out.bias" in str(err.value) and "unexpected 1 keys: extra.weight" in str(err.value)
+    sd = dict(tiny.state_dict())
+    sd["fc_norm.weight"] = torch.zeros(7)
+    torch.save(sd, tmp_path / "shape.pth")
+    with pytest.raises(WinTokLoadError, match="fc_norm.weight \\(7,\\)"):
+        WinTok.from_checkpoint(tmp_path / "shape.pth", num_heads=4, decoder_num_heads=4)
+
+
+class _Evil:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_pickle_with_foreign_globals_is_refused_never_run(tmp_path: Path) -> None:
+    sentinel = tmp_path / "PWNED"
+    torch.save({"trainer": {"unitok": {}}, "payload": _Evil(str(sentinel))}, tmp_path / "evil.pth")
+    with pytest.raises(WinTokLoadError, match="refused"):
+        WinTok.from_checkpoint(tmp_path / "evil.pth")
+    assert not sentinel.exists()
+
+
+def test_freeze_leaves_nothing_trainable(tiny: WinTok) -> None:
+    frozen = WinTok(tiny.config).freeze()
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_training_forward_gives_losses_and_gradients(tiny: WinTok, images: torch.Tensor) -> None:
+    model = WinTok(tiny.config).train()
+    out = model(images)
+    loss = (out.reconstruction - images).abs().mean() + out.quantizer.commitment_loss + out.quantizer.codebook_loss
+    loss.backward()
+    assert model.encoder.vision_model.embeddings.patch_embedding.weight.grad is not None
+    assert model.quantizer.codebooks[0].codebook.weight.grad is not None
+    assert out.quantizer.logits.shape[:3] == (2, 4, 64)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "CMYK"])
+def test_preprocess_any_mode_resize_and_centre_crop(mode: str) -> None:
+    img = Image.new("RGB", (120, 80), (255, 0, 0)).convert(mode)
+    x = preprocess(img, 64)
+    assert x.shape == (1, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
+    wide = Image.new("RGB", (200, 100), (0, 0, 0))
+    wide.paste((255, 255, 255), (0, 0, 40, 100))  # white at the far left: cropped away by the centre crop
+    assert preprocess(wide, 50)[0].max() == -1.0
+
+
+def test_convert_cli(tiny: WinTok, tmp_path: Path) -> None:
+    torch.save(tiny.state_dict(), tmp_path / "in.pth")
+    ok = subprocess.run([sys.executable, "-m", "tokenizer.convert", str(tmp_path / "in.pth"), str(tmp_path / "out"),
+                         "--num-heads", "4", "--decoder-num-heads", "4"], capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    assert WinTok.from_pretrained(tmp_path / "out").identity_hash() == tiny.identity_hash()
+    bad = subprocess.run([sys.executable, "-m", "tokenizer.convert", str(tmp_path / "missing.pth"), str(tmp_path / "o2")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing.pth" in bad.stderr
