@@ -180,3 +180,25 @@ def test_convert_cli(tiny: WinTok, tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "tokenizer.convert", str(tmp_path / "missing.pth"), str(tmp_path / "o2")],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing.pth" in bad.stderr
+
+
+def test_parity_with_the_original_code() -> None:
+    """Weights and outputs recorded from the original WinTok implementation (see tests/fixtures/wintok/README.md)."""
+    from safetensors.torch import load_file
+
+    from tokenizer.checkpoint import load_state_strict
+
+    data = load_file(str(KEYS.parent / "wintok_original_tiny.safetensors"))
+    sd = {k[len("weight."):]: v for k, v in data.items() if k.startswith("weight.")}
+    cfg = WinTokConfig.tiny(image_size=32, patch_size=8, hidden_size=64, num_layers=2, num_semantic_tokens=6,
+                            codebook_size=64, mlp_dim=128, decoder_mlp_dim=128)
+    model = load_state_strict(WinTok(cfg), sd, "fixture").eval()
+    with torch.inference_mode():
+        enc = model.encode(data["input"])
+        assert torch.equal(enc.pixel_codes, data["indices"])
+        torch.testing.assert_close(enc.semantic_tokens, data["query_tokens"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(enc.pooled, data["pooler_out"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.post_quant_proj(enc.quant), data["post_quant"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model._decode(enc.quant), data["recon"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model._decode(model.codes_to_quant(data["indices"])), data["recon_from_indices"],
+                                   atol=1e-5, rtol=1e-5)

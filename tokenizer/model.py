@@ -81,13 +81,16 @@ class _Tower(nn.Module):
 
 
 class ScalingLayer(nn.Module):
+    """As released: [-1, 1] → [0, 255] clamp → [0, 1] → (· − 0.5) / 0.5, i.e. a clamp to [-1, 1]."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.register_buffer("shift", torch.zeros(1, 3, 1, 1))
-        self.register_buffer("scale", torch.ones(1, 3, 1, 1))
+        self.register_buffer("shift", torch.full((1, 3, 1, 1), 0.5))
+        self.register_buffer("scale", torch.full((1, 3, 1, 1), 0.5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.clamp(-1.0, 1.0) - self.shift) / self.scale
+        x01 = ((x + 1.0) * 127.5).clamp(0.0, 255.0) / 255.0
+        return (x01 - self.shift) / self.scale
 
 
 class WinTok(nn.Module):
