@@ -39,8 +39,8 @@ def test_every_stage_yaml_validates(path: Path) -> None:
     stage = data.get("stage", "sft")
     cfg = load_stage_config(stage, path)
     assert cfg.stage == stage
-    # the recipe a stage names must exist and validate too
-    load_recipe(cfg.data.recipe)
+    if isinstance(cfg, StageConfig):  # the recipe a stage names must exist and validate too
+        load_recipe(cfg.data.recipe)
     assert (ROOT / cfg.deepspeed.config).is_file(), f"{path}: deepspeed.config {cfg.deepspeed.config} missing"
 
 

@@ -15,13 +15,14 @@ from unified_mllm.config.base import (
 )
 from unified_mllm.config.recipe import RecipeConfig, SourceConfig
 from unified_mllm.config.stage import STAGES, StageConfig
+from unified_mllm.config.tokenizer_stage import TokenizerStageConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 STAGE_CONFIG_DIR = PROJECT_ROOT / "stage_configs"
 RECIPE_DIR = PROJECT_ROOT / "data_recipes"
 
-# stage name → config class; the tokenizer stage registers its own tree when it exists
-STAGE_CONFIG_CLASSES: dict[str, type] = {name: StageConfig for name in STAGES}
+# stage name → config class
+STAGE_CONFIG_CLASSES: dict[str, type] = {"tokenizer": TokenizerStageConfig, **{name: StageConfig for name in STAGES}}
 
 
 def default_stage_file(stage: str) -> Path:

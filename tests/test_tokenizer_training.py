@@ -1,0 +1,108 @@
+"""The tokenizer stage end to end on CPU: train a few steps under DeepSpeed, resume, export, evaluate, probe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenizer import WinTok, WinTokConfig
+from tokenizer.losses import entropy_loss, tokenizer_losses
+from unified_mllm.config.tokenizer_stage import TokenizerLossConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shapeworld(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sw")
+    subprocess.run([sys.executable, "-m", "unified_mllm.shapeworld", "--out", str(out), "--num", "96",
+                    "--num-test", "24", "--prompts-per-tag", "2", "--resolution", "32", "--workers", "1"],
+                   check=True, capture_output=True, cwd=ROOT, timeout=120)
+    return out
+
+
+def train(out: Path, data: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    overrides = [f"optim.max_steps={steps}", "optim.micro_batch_size=8", "checkpoint.save_every=2",
+                 f"checkpoint.output_dir={out}", "logging.log_every=1", "logging.progress_bar=false",
+                 "logging.tensorboard=false", f"data.images={data}/images/train",
+                 f"data.eval_images={data}/images/test_heldin", "teacher.kind=none",
+                 "model.overrides={image_size: 32, patch_size: 8, hidden_size: 32, num_layers: 1, num_heads: 2, "
+                 "mlp_dim: 64, decoder_num_layers: 1, decoder_num_heads: 2, decoder_mlp_dim: 64, "
+                 "num_semantic_tokens: 4, codebook_size: 32}", *extra]
+    cmd = [sys.executable, "train_stage.py", "--stage", "tokenizer"]
+    for o in overrides:
+        cmd += ["--set", o]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_train_resume_export_evaluate(shapeworld: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = train(out, shapeworld, 3)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (out / "export" / "model.safetensors").is_file() and (out / "eval.json").is_file()
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    again = train(out, shapeworld, 5)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from" in again.stdout + again.stderr
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000005"]  # keep_last: 1
+    result = json.loads((out / "eval.json").read_text())
+    assert result["num_images"] == 24 and 0 < result["codebook_usage"] <= 1 and result["psnr"] > 0
+    model = WinTok.from_pretrained(out / "export")
+    assert model.config.image_size == 32 and model.config.codebook_size == 32
+    ev = subprocess.run([sys.executable, "-m", "tokenizer.eval", "--checkpoint", str(out / "export"), "--images",
+                         str(shapeworld / "images" / "test_heldin"), "--grid", str(tmp_path / "g.png"),
+                         "--shapeworld-judge"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert ev.returncode == 0, ev.stderr
+    assert "shapeworld_judge_agreement" in json.loads(ev.stdout) and (tmp_path / "g.png").is_file()
+    probe = subprocess.run([sys.executable, "-m", "tokenizer.probe", "--checkpoint", str(out / "export"), "--data",
+                            str(shapeworld), "--num-train", "96", "--num-test", "24"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    assert set(json.loads(probe.stdout)) >= {"kind", "colour", "count"}
+
+
+def test_missing_images_folder_is_one_clear_line(tmp_path: Path) -> None:
+    res = train(tmp_path / "run", tmp_path / "nowhere", 1)
+    assert res.returncode != 0
+    assert "image folder not found" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_distillation_touches_only_semantic_tokens() -> None:
+    torch.manual_seed(0)
+    model = WinTok(WinTokConfig.tiny(image_size=32, hidden_size=32, num_layers=1, codebook_size=32, num_heads=2,
+                                     decoder_num_heads=2)).train()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    only_distill = TokenizerLossConfig(l1=0, l2=0, vq=0, entropy=0, distill=1.0)
+    losses = tokenizer_losses(model(x), x, torch.randn(2, model.config.semantic_dim), only_distill)
+    losses.total.backward()
+    assert model.projection.weight.grad.abs().sum() > 0  # semantic branch learns
+    for module in (model.quant_proj, model.quantizer, model.post_quant_proj, model.decoder, model.conv_out):
+        assert all(p.grad is None or p.grad.abs().sum() == 0 for p in module.parameters())  # pixel branch does not
+
+
+def test_entropy_loss_prefers_confident_and_diverse_codes() -> None:
+    k = 8
+    diverse = torch.eye(k).view(1, 1, k, k) * 1.0  # each position its own code, confidently
+    collapsed = torch.zeros(1, 1, k, k)
+    collapsed[..., 0] = 1.0  # every position the same code
+    assert entropy_loss(diverse, 0.01) < entropy_loss(collapsed, 0.01)
+
+
+def test_teacher_cli_trains_and_loads(shapeworld: Path, tmp_path: Path) -> None:
+    from tokenizer.teacher import load_teacher
+
+    res = subprocess.run([sys.executable, "-m", "tokenizer.teacher", "--data", str(shapeworld), "--out",
+                          str(tmp_path / "t"), "--steps", "3", "--batch-size", "8", "--embed-dim", "16"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    teacher = load_teacher("shapeworld", str(tmp_path / "t"))
+    assert teacher(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
+    assert not any(p.requires_grad for p in teacher.parameters())

@@ -1,0 +1,54 @@
+"""WinTok training losses as the released code weighs them (GAN and LPIPS not included here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tokenizer.model import WinTokForwardOutput
+
+
+@dataclass
+class TokenizerLosses:
+    total: torch.Tensor
+    l1: torch.Tensor
+    l2: torch.Tensor
+    vq: torch.Tensor
+    entropy: torch.Tensor
+    distill: torch.Tensor
+
+    def scalars(self) -> dict[str, float]:
+        return {f"loss/{k}": float(getattr(self, k).detach()) for k in ("total", "l1", "l2", "vq", "entropy", "distill")}
+
+
+def entropy_loss(sim: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-sample entropy minus codebook entropy, averaged over sub-codebooks.
+
+    ``sim`` (B, C, L, K) are cosine similarities of unit vectors; the released code uses −‖z − e‖² / τ as logits,
+    which for unit vectors is (2·sim − 2) / τ — the same softmax as 2·sim / τ.
+    """
+    logits = 2.0 * sim.float() / temperature  # (B, C, L, K)
+    logits = logits.permute(1, 0, 2, 3).flatten(1, 2)  # (C, B·L, K)
+    prob, log_prob = logits.softmax(-1), logits.log_softmax(-1)
+    per_sample = (-(prob * log_prob).sum(-1)).mean(-1)  # (C,)
+    avg = prob.mean(1)  # (C, K)
+    codebook = -(avg * torch.log(avg + 1e-7)).sum(-1)  # (C,)
+    return (per_sample - codebook).mean()
+
+
+def tokenizer_losses(out: WinTokForwardOutput, images: torch.Tensor, teacher_emb: torch.Tensor | None, weights) -> TokenizerLosses:
+    """``weights``: a TokenizerLossConfig. The distillation term touches only the semantic tokens."""
+    rec = out.reconstruction.float()
+    l1 = (rec - images).abs().mean()
+    l2 = F.mse_loss(rec, images)
+    q = out.quantizer
+    vq = weights.commitment_beta * q.commitment_loss + q.codebook_loss
+    ent = entropy_loss(q.logits, weights.entropy_temp) if weights.entropy > 0 else rec.new_zeros(())
+    if teacher_emb is not None and weights.distill > 0:
+        distill = (1.0 - F.cosine_similarity(out.pooled.float(), teacher_emb.float(), dim=-1)).mean()
+    else:
+        distill = rec.new_zeros(())
+    total = weights.l1 * l1 + weights.l2 * l2 + weights.vq * vq + weights.entropy * ent + weights.distill * distill
+    return TokenizerLosses(total, l1, l2, vq, ent, distill)

@@ -1,0 +1,110 @@
+"""Linear probes on ShapeWorld: do the semantic tokens carry shape attributes better than the pixel tokens?
+
+    python -m tokenizer.probe --checkpoint DIR --data SHAPEWORLD_DIR [--num-train 3000] [--num-test 600]
+
+Features per image: the flattened semantic tokens (N·D) and the flattened pixel-token vectors (P·C·d, the
+normalised code vectors). Tasks: the kind and the colour of the object in one-object scenes, and the number of
+objects in any scene. A logistic-regression probe is fit on training scenes and scored on held-in test scenes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from tokenizer.model import WinTok
+from tokenizer.preprocess import preprocess
+
+
+def _load_split(data: Path, split: str, limit: int) -> tuple[list[Path], list[dict]]:
+    scenes = [json.loads(x) for x in (data / f"scenes_{split}.jsonl").read_text().splitlines()][:limit]
+    files = [data / "images" / split / f"{s['id'].rsplit('-', 1)[1]}.png" for s in scenes]
+    return files, scenes
+
+
+@torch.inference_mode()
+def features(model: WinTok, files: list[Path], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    sem, pix = [], []
+    for i in range(0, len(files), batch_size):
+        x = preprocess([Image.open(f) for f in files[i:i + batch_size]], model.config.image_size)
+        enc = model.encode(x)
+        sem.append(enc.semantic_tokens.flatten(1))
+        pix.append(enc.quant.flatten(1))
+    return torch.cat(sem), torch.cat(pix)
+
+
+def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+              steps: int = 300, weight_decay: float = 1e-3) -> float:
+    """Accuracy of a multinomial logistic regression (standardised features, Adam, full batch)."""
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    xt, xe = (x_train - mean) / std, (x_test - mean) / std
+    classes = int(max(y_train.max(), y_test.max())) + 1
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(xt.shape[1], classes)
+    opt = torch.optim.Adam(linear.parameters(), lr=1e-2, weight_decay=weight_decay)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = F.cross_entropy(linear(xt), y_train)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return float((linear(xe).argmax(1) == y_test).float().mean())
+
+
+def run_probes(model: WinTok, data: str | Path, num_train: int = 3000, num_test: int = 600) -> dict:
+    from unified_mllm.shapeworld.scene import COLORS, SHAPES
+
+    data = Path(data)
+    tr_files, tr_scenes = _load_split(data, "train", num_train)
+    te_files, te_scenes = _load_split(data, "test_heldin", num_test)
+    tr_sem, tr_pix = features(model, tr_files)
+    te_sem, te_pix = features(model, te_files)
+    colors = list(COLORS)
+    tasks = {
+        "kind": lambda s: SHAPES.index(s["objects"][0]["shape"]) if len(s["objects"]) == 1 else None,
+        "colour": lambda s: colors.index(s["objects"][0]["color"]) if len(s["objects"]) == 1 else None,
+        "count": lambda s: len(s["objects"]) - 1,
+    }
+    result: dict = {"num_train": len(tr_files), "num_test": len(te_files)}
+    for name, label in tasks.items():
+        tr_idx = [i for i, s in enumerate(tr_scenes) if label(s) is not None]
+        te_idx = [i for i, s in enumerate(te_scenes) if label(s) is not None]
+        y_tr = torch.tensor([label(tr_scenes[i]) for i in tr_idx])
+        y_te = torch.tensor([label(te_scenes[i]) for i in te_idx])
+        result[name] = {
+            "semantic": fit_probe(tr_sem[tr_idx], y_tr, te_sem[te_idx], y_te),
+            "pixel": fit_probe(tr_pix[tr_idx], y_tr, te_pix[te_idx], y_te),
+            "chance": float(torch.bincount(y_te).max() / len(y_te)),
+            "num_test": len(te_idx),
+        }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="ShapeWorld dataset directory")
+    p.add_argument("--num-train", type=int, default=3000)
+    p.add_argument("--num-test", type=int, default=600)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    if not (Path(a.data) / "scenes_train.jsonl").is_file():
+        print(f"error: {a.data} is not a ShapeWorld dataset (no scenes_train.jsonl)", file=sys.stderr)
+        return 2
+    result = run_probes(WinTok.from_checkpoint(a.checkpoint).freeze(), a.data, a.num_train, a.num_test)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
