@@ -7,8 +7,16 @@ import sys
 
 def run_stage(cfg) -> int:
     """Train one stage from its resolved config; returns the exit code (also ends worker processes cleanly)."""
+    import importlib.util
+
     from unified_mllm.config import ConfigError
     from unified_mllm.training.distributed import finish
+
+    if cfg.stage != "tokenizer" and importlib.util.find_spec("unified_mllm.model") is None:
+        print(f"stage {cfg.stage}: the config is valid, but the unified model and its data pipeline are not built "
+              f"yet, so MLLM stages cannot train in this version (the tokenizer stage can: --stage tokenizer)",
+              file=sys.stderr)
+        return 3
     if cfg.stage == "tokenizer":
         from tokenizer.training import NonFiniteLoss
         from tokenizer.training import TokenizerTrainer as Trainer

@@ -1,0 +1,151 @@
+"""The stage trainer: a DeepSpeed engine over the unified model, with resumable checkpoints and metrics."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unified_mllm.config import to_dict
+from unified_mllm.config.stage import StageConfig
+from unified_mllm.training import build
+from unified_mllm.training.checkpoint import CheckpointManager
+from unified_mllm.training.distributed import all_reduce_sum, init_distributed
+from unified_mllm.training.ds_config import (
+    build_ds_config,
+    resolve_precision,
+    uses_config_optimizer,
+    zero_stage,
+)
+from unified_mllm.training.freeze import apply_trainables, param_groups
+from unified_mllm.training.metrics import MetricsLogger
+from unified_mllm.training.rng import rng_state, seed_everything, set_rng_state
+from unified_mllm.training.schedule import build_scheduler
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf; the run stops before the optimizer applies it."""
+
+
+class StageTrainer:
+    def __init__(self, cfg: StageConfig):
+        self.cfg = cfg
+        self.rank, self.world_size = init_distributed()
+        seed_everything(cfg.seed)
+        self.output_dir = Path(cfg.checkpoint.output_dir)
+        self.ds_config = build_ds_config(cfg.deepspeed, cfg.optim, self.world_size)
+        self.precision = resolve_precision(cfg.deepspeed)
+        self.model, self.tokenizer, self.new_token_ids = build.build_model(cfg, self.ds_config)
+        self.trainables = apply_trainables(self.model, cfg.train, self.new_token_ids)
+        if cfg.deepspeed.gradient_checkpointing:
+            self.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.engine = self.build_engine()
+        self.loader = build.build_data(cfg, self.model, self.tokenizer, self.rank, self.world_size)
+        self.ckpt = CheckpointManager(self.output_dir, cfg.checkpoint.keep_last, self.rank)
+        self.step = 0
+        self.resumed_from = self.maybe_resume()
+        self.logger = MetricsLogger(cfg.logging, self.output_dir, self.rank, cfg.optim.max_steps, self.step,
+                                    run_config=to_dict(cfg))
+
+    # ------------------------------------------------------------------------------------------ build
+    def build_engine(self):
+        import deepspeed
+
+        optim = self.cfg.optim
+        groups = param_groups(self.model, optim.weight_decay)
+        if uses_config_optimizer(self.ds_config):  # ZeRO-Offload: DeepSpeed builds DeepSpeedCPUAdam itself
+            engine, optimizer, _, _ = deepspeed.initialize(
+                model=self.model, model_parameters=groups, config=self.ds_config,
+                lr_scheduler=lambda opt: build_scheduler(opt, optim))
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+            engine, optimizer, _, _ = deepspeed.initialize(
+                model=self.model, optimizer=optimizer, config=self.ds_config,
+                lr_scheduler=build_scheduler(optimizer, optim))
+        return engine
+
+    # ------------------------------------------------------------------------------------ state/resume
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "data": self.loader.state_dict(), "rng": rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+
+    def maybe_resume(self) -> Path | None:
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            return None
+        path = self.ckpt.latest() if mode == "auto" else Path(mode)
+        if path is None:
+            return None
+        if not (path / "meta.json").is_file():
+            raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint (no meta.json); "
+                                    f"use 'auto', 'never' or a step_XXXXXXXX directory")
+        self.load_state_dict(self.ckpt.load(self.engine, path))
+        return path
+
+    def save(self) -> Path:
+        meta = {"stage": self.cfg.stage, "world_size": self.world_size, "precision": self.precision,
+                "config": to_dict(self.cfg)}
+        return self.ckpt.save(self.engine, self.step, self.state_dict(), meta)
+
+    # ------------------------------------------------------------------------------------------ steps
+    def train_step(self, data_iter) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum`` micro-batches. Raises NonFiniteLoss before applying a bad update."""
+        totals: dict[str, float] = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0, "tokens": 0.0}
+        task = None
+        for _ in range(self.cfg.optim.grad_accum):
+            batch = next(data_iter)
+            task = batch.get("task", task)
+            sources = batch.get("sources", [])
+            out = self.engine(**build.model_inputs(batch, self.engine.device), touch_unused=True)
+            finite = all_reduce_sum(float(not bool(torch.isfinite(out.loss.detach()).item())))
+            if finite > 0:
+                raise NonFiniteLoss(
+                    f"loss is {out.loss.item()} at step {self.step + 1} (batch task {task!r}, sources "
+                    f"{sorted(set(sources))}); stopped before the update — the last complete checkpoint "
+                    f"({self.ckpt.latest() or 'none'}) is intact and nothing was saved after it")
+            self.engine.backward(out.loss)
+            self.engine.step()
+            totals["loss"] += float(out.loss.detach())
+            totals["text_loss"] += float(out.text_loss.detach())
+            totals["image_loss"] += float(out.image_loss.detach())
+            totals["tokens"] += float(batch["input_ids"].numel() if batch.get("attention_mask") is None
+                                      else batch["attention_mask"].sum())
+        self.step += 1
+        n = self.cfg.optim.grad_accum
+        return {"loss": totals["loss"] / n, "text_loss": totals["text_loss"] / n,
+                "image_loss": totals["image_loss"] / n, "tokens": totals["tokens"], "task": task}
+
+    def fit(self) -> int:
+        cfg = self.cfg
+        if self.resumed_from:
+            self.logger.message(f"resumed from {self.resumed_from} at step {self.step}")
+        self.logger.message(f"stage {cfg.stage}: {self.trainables.describe()}; ZeRO-{zero_stage(self.ds_config)}, "
+                            f"{self.precision}, {self.world_size} process(es)")
+        data_iter = iter(self.loader)
+        window_tokens, window_start = 0.0, time.time()
+        while self.step < cfg.optim.max_steps:
+            metrics = self.train_step(data_iter)
+            window_tokens += metrics["tokens"]
+            if self.step % cfg.logging.log_every == 0 or self.step == cfg.optim.max_steps:
+                elapsed = max(time.time() - window_start, 1e-9)
+                tokens_per_s = all_reduce_sum(window_tokens) / elapsed
+                record = {"loss": metrics["loss"], f"loss/{metrics['task']}": metrics["loss"],
+                          "text_loss": metrics["text_loss"], "image_loss": metrics["image_loss"],
+                          "lr": self.engine.get_lr()[0], "tokens_per_s": tokens_per_s}
+                record.update({f"skipped/{k}": v for k, v in self.loader.stats().items()})
+                self.logger.log(self.step, record)
+                self.logger.progress(self.step, {"loss": metrics["loss"], "tok/s": round(tokens_per_s)})
+                window_tokens, window_start = 0.0, time.time()
+            if self.step % cfg.checkpoint.save_every == 0 and self.step < cfg.optim.max_steps:
+                self.save()
+        self.save()
+        export_dir = build.export(self)
+        self.logger.message(f"stage {cfg.stage} finished at step {self.step}; exported to {export_dir}")
+        self.logger.close()
+        return 0
