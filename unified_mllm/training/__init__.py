@@ -12,8 +12,8 @@ def run_stage(cfg) -> int:
     from unified_mllm.config import ConfigError
     from unified_mllm.training.distributed import finish
 
-    if cfg.stage != "tokenizer" and importlib.util.find_spec("unified_mllm.model") is None:
-        print(f"stage {cfg.stage}: the config is valid, but the unified model and its data pipeline are not built "
+    if cfg.stage != "tokenizer" and importlib.util.find_spec("unified_mllm.data") is None:
+        print(f"stage {cfg.stage}: the config is valid, but the data pipeline that feeds the unified model is not built "
               f"yet, so MLLM stages cannot train in this version (the tokenizer stage can: --stage tokenizer)",
               file=sys.stderr)
         return 3

@@ -1,0 +1,163 @@
+"""The unified model: LLM parity with vision off, packing isolation, slot checks, heads, save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from tokenizer import WinTok, WinTokConfig
+from unified_mllm.config import load_config
+from unified_mllm.config.stage import CFGDropConfig, ModelConfig
+from unified_mllm.model import build_model, load_pretrained, save_pretrained
+
+WORDS = ["<unk>", "<s>", "</s>", "a", "red", "blue", "circle", "square", "is", "there", "yes", "no", "how", "many", "?"]
+ARCHS = {
+    "qwen2": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256},
+    "llama": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256},
+}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("assets")
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
+        str(root / "tok"))
+    torch.manual_seed(0)
+    WinTok(WinTokConfig.tiny(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
+                             decoder_num_heads=2, num_semantic_tokens=3, codebook_size=16)).save_pretrained(root / "wt")
+    return root
+
+
+def build(assets: Path, arch: str = "qwen2", **model_overrides):
+    torch.manual_seed(0)
+    section = {"llm": {"arch": ARCHS[arch], "text_tokenizer": str(assets / "tok"), "attn_implementation": "sdpa"},
+               "wintok": str(assets / "wt"), **model_overrides}
+    model, tok, new_ids = build_model(load_config(ModelConfig, section), CFGDropConfig())
+    return model.eval(), tok, new_ids
+
+
+def understanding_sample(model, tok):
+    ids = model.config.special_ids
+    k = model.config.num_und_slots
+    prompt = tok("is there a red circle ?", add_special_tokens=False)["input_ids"]
+    answer = tok("yes", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    input_ids = [tok.bos_token_id, ids["img_start_id"]] + [ids["image_token_id"]] * k + [ids["img_end_id"]] + prompt + answer
+    labels = [-100] * (len(input_ids) - len(answer)) + answer
+    return torch.tensor([input_ids]), torch.tensor([labels])
+
+
+def generation_sample(model, tok):
+    ids = model.config.special_ids
+    p = model.config.vision.num_positions
+    caption = tok("a blue square", add_special_tokens=False)["input_ids"]
+    input_ids = [tok.bos_token_id] + caption + [ids["boi_id"]] + [ids["image_gen_token_id"]] * p + [ids["eoi_id"]]
+    labels = [-100] * (len(input_ids) - 1) + [ids["eoi_id"]]
+    return torch.tensor([input_ids]), torch.tensor([labels])
+
+
+def vision_inputs(model, n_und: int, n_gen: int):
+    v = model.config.vision
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(n_und, v.num_semantic_tokens, v.semantic_dim, generator=g),
+            torch.randint(0, v.codebook_size, (n_gen, v.num_codebooks, v.num_positions), generator=g))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_vision_off_logits_equal_the_bare_llm(assets: Path, arch: str) -> None:
+    model, tok, _ = build(assets, arch)
+    ids = torch.tensor([tok("<s> how many circle ? yes")["input_ids"]])
+    with torch.no_grad():
+        ours = model(ids).logits
+        bare = model.llm(input_ids=ids).logits
+    assert torch.equal(ours, bare)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("head", ["depth", "parallel"])
+def test_packed_losses_equal_samples_alone(assets: Path, arch: str, head: str) -> None:
+    model, tok, _ = build(assets, arch, generation={"head": head, "embedding": "sum", "depth_layers": 1})
+    (ua, la), (ga, lg) = understanding_sample(model, tok), generation_sample(model, tok)
+    sem, codes = vision_inputs(model, 1, 1)
+    with torch.no_grad():
+        alone_u = model(ua, la, position_ids=torch.arange(ua.shape[1])[None], und_semantic=sem, return_per_token=True)
+        alone_g = model(ga, lg, position_ids=torch.arange(ga.shape[1])[None], gen_codes=codes, return_per_token=True)
+        packed_ids = torch.cat([ua, ga], 1)
+        packed_labels = torch.cat([la, lg], 1)
+        pos = torch.cat([torch.arange(ua.shape[1]), torch.arange(ga.shape[1])])[None]
+        packed = model(packed_ids, packed_labels, position_ids=pos, und_semantic=sem, gen_codes=codes,
+                       return_per_token=True)
+    n = ua.shape[1]
+    torch.testing.assert_close(packed.per_token_text_loss[0, : n - 1], alone_u.per_token_text_loss[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed.per_token_text_loss[0, n:], alone_g.per_token_text_loss[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed.per_slot_image_loss, alone_g.per_slot_image_loss, atol=1e-5, rtol=0)
+    assert packed.num_image_tokens == alone_g.num_image_tokens > 0
+
+
+def test_image_slot_mismatch_raises(assets: Path) -> None:
+    model, tok, _ = build(assets)
+    ua, la = understanding_sample(model, tok)
+    sem, codes = vision_inputs(model, 2, 1)
+    with pytest.raises(ValueError, match="do not match"):
+        model(ua, la, und_semantic=sem)  # two images for one image's slots
+    ga, lg = generation_sample(model, tok)
+    with pytest.raises(ValueError, match="<image_gen> slots"):
+        model(ga, lg)  # generation slots without codes
+
+
+def test_depth_head_stepwise_equals_teacher_forced(assets: Path) -> None:
+    model, _, _ = build(assets)
+    head = model.gen_head
+    v = model.config.vision
+    h = torch.randn(5, model.llm.config.hidden_size)
+    codes = torch.randint(0, v.codebook_size, (5, v.num_codebooks))
+    with torch.no_grad():
+        full = head(h, codes)
+        for k in range(v.num_codebooks):
+            torch.testing.assert_close(head.next_logits(h, codes[:, :k]), full[:, k], atol=1e-5, rtol=1e-5)
+
+
+def test_special_tokens_added_through_the_api(assets: Path) -> None:
+    model, tok, new_ids = build(assets)
+    assert len(new_ids) >= 6 and model.llm.get_input_embeddings().weight.shape[0] == len(tok)
+    assert tok.convert_ids_to_tokens(model.config.special_ids["boi_id"]) == "<boi>"
+    assert model.config.special_ids["uncond_ids"] == [tok.convert_tokens_to_ids("<unconditional>")]
+    assert not any(p.requires_grad for p in model.wintok.parameters())
+
+
+@pytest.mark.parametrize("embedding", ["sum", "causal_proj"])
+def test_save_load_identical_outputs(assets: Path, tmp_path: Path, embedding: str) -> None:
+    model, tok, _ = build(assets, understanding_input="both",
+                          generation={"embedding": embedding, "head": "depth", "depth_layers": 1})
+    save_pretrained(model, tok, tmp_path / "export")
+    again, tok2 = load_pretrained(tmp_path / "export")
+    assert len(tok2) == len(tok)
+    a_cfg, b_cfg = model.config.to_dict(), again.config.to_dict()
+    assert a_cfg.pop("llm_config")["hidden_size"] == b_cfg.pop("llm_config")["hidden_size"] and a_cfg == b_cfg
+    ids = torch.cat([understanding_sample(model, tok)[0], generation_sample(model, tok)[0]], 1)
+    labels = ids.clone()
+    v = model.config.vision
+    sem, codes = vision_inputs(model, 1, 1)
+    pix = torch.randint(0, v.codebook_size, (1, v.num_codebooks, v.num_positions))
+    with torch.no_grad():
+        a = model(ids, labels, und_semantic=sem, und_pixel_codes=pix, gen_codes=codes)
+        b = again(ids, labels, und_semantic=sem, und_pixel_codes=pix, gen_codes=codes)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+
+
+def test_touch_unused_reaches_every_trainable_module(assets: Path) -> None:
+    model, tok, _ = build(assets)
+    model.train()
+    ids = torch.tensor([tok("<s> how many circle ? yes")["input_ids"]])
+    out = model(ids, ids.clone(), touch_unused=True)
+    out.loss.backward()
+    for name in ("projector", "gen_embedding", "gen_head"):
+        params = list(getattr(model, name).parameters())
+        assert all(p.grad is not None for p in params if p.requires_grad), name

@@ -1,0 +1,78 @@
+"""Build the unified model from the ``model`` section of a stage config (and the CFG settings of ``data.cfg``)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from unified_mllm.config.stage import CFGDropConfig, ModelConfig
+from unified_mllm.model.config import UnifiedConfig, VisionSizes
+from unified_mllm.model.unified import UnifiedMLLM
+from unified_mllm.tokens import add_special_tokens
+
+
+def select_attn_implementation(requested: str) -> str:
+    if requested != "auto":
+        if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("model.llm.attn_implementation: flash_attention_2 needs the flash-attn package "
+                             "(pip install '.[gpu]'); use auto or sdpa")
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_text_tokenizer(model_cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    source = model_cfg.llm.text_tokenizer or model_cfg.llm.path
+    if source is None or not Path(source).exists():
+        raise FileNotFoundError(f"model.llm.text_tokenizer: {source} not found; point it at a tokenizer directory "
+                                f"(the quickstart trains one with `python -m unified_mllm.data.text_tokenizer`)")
+    return AutoTokenizer.from_pretrained(source)
+
+
+def vision_sizes(wintok) -> VisionSizes:
+    c = wintok.config
+    return VisionSizes(c.num_codebooks, c.codebook_size, c.codebook_dim, c.num_positions, c.num_semantic_tokens,
+                       c.semantic_dim, c.hidden_size)
+
+
+def build_model(model_cfg: ModelConfig, cfg_drop: CFGDropConfig, text_loss_weight: float = 1.0,
+                image_loss_weight: float = 1.0):
+    """→ (UnifiedMLLM, text tokenizer, ids of the tokens this project added)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tokenizer import WinTok
+    from unified_mllm.model.export import load_pretrained
+
+    if model_cfg.init_from:
+        model, tok = load_pretrained(model_cfg.init_from)
+        model.text_loss_weight, model.image_loss_weight = text_loss_weight, image_loss_weight
+        return model, tok, list(model.config.new_token_ids)
+    if model_cfg.wintok is None:
+        raise ValueError("model.wintok: the unified model needs a WinTok checkpoint (its sizes shape the heads)")
+    wintok = WinTok.from_checkpoint(model_cfg.wintok).freeze()
+    tokenizer = load_text_tokenizer(model_cfg)
+    ids, new_ids = add_special_tokens(tokenizer, cfg_drop.uncond_prompt)
+    attn = select_attn_implementation(model_cfg.llm.attn_implementation)
+    if model_cfg.llm.path:
+        llm = AutoModelForCausalLM.from_pretrained(model_cfg.llm.path, attn_implementation=attn, dtype=torch.float32)
+    else:
+        arch = dict(model_cfg.llm.arch)
+        llm_cfg = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tokenizer), **arch)
+        llm = AutoModelForCausalLM.from_config(llm_cfg, attn_implementation=attn)
+    if llm.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    config = UnifiedConfig(
+        llm_config=llm.config.to_dict(), special_ids=ids.to_dict(), vision=vision_sizes(wintok),
+        understanding_input=model_cfg.understanding_input, projector_type=model_cfg.projector.type,
+        gen_embedding=model_cfg.generation.embedding, gen_head=model_cfg.generation.head,
+        depth_layers=model_cfg.generation.depth_layers, cfg_drop_prob=cfg_drop.drop_prob,
+        uncond_prompt=cfg_drop.uncond_prompt, new_token_ids=new_ids, wintok_hash=wintok.identity_hash())
+    model = UnifiedMLLM(config, llm, wintok, text_loss_weight, image_loss_weight)
+    if config.gen_embedding == "causal_proj":
+        model.gen_embedding.init_from_wintok(wintok)
+    return model, tokenizer, new_ids
