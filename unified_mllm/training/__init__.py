@@ -7,16 +7,9 @@ import sys
 
 def run_stage(cfg) -> int:
     """Train one stage from its resolved config; returns the exit code (also ends worker processes cleanly)."""
-    import importlib.util
-
     from unified_mllm.config import ConfigError
     from unified_mllm.training.distributed import finish
 
-    if cfg.stage != "tokenizer" and importlib.util.find_spec("unified_mllm.data") is None:
-        print(f"stage {cfg.stage}: the config is valid, but the data pipeline that feeds the unified model is not built "
-              f"yet, so MLLM stages cannot train in this version (the tokenizer stage can: --stage tokenizer)",
-              file=sys.stderr)
-        return 3
     if cfg.stage == "tokenizer":
         from tokenizer.training import NonFiniteLoss
         from tokenizer.training import TokenizerTrainer as Trainer

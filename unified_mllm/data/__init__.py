@@ -1,0 +1,1 @@
+"""Data pipeline: sources → chat templates and loss masks → image slots → packing → batches."""

@@ -1,0 +1,104 @@
+"""Encode every image of a recipe once with WinTok into a `datasets` cache keyed by the tokenizer's hash.
+
+    python -m unified_mllm.data.pretokenize --recipe data_recipes/shapeworld_mixed.yaml --wintok runs/quickstart/wintok
+
+Writes ``<root>/<recipe stem>/<wintok hash>/`` (root: the recipe's pretokenize_dir, else runs/pretokenized) with
+columns ``key`` (image path), ``pixel_codes`` (C × P int16) and ``semantic`` (N × D float16). Resumable: finished
+shards under ``.shards/`` are kept and skipped; unreadable images are counted and logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from unified_mllm.config import ConfigError, load_recipe
+from unified_mllm.data.image_features import image_key, open_image
+from unified_mllm.data.samples import BadSample
+from unified_mllm.data.sources import read_source
+
+SHARD = 4096
+
+
+def cache_dir_for(recipe_path: str, recipe, wintok) -> Path:
+    root = Path(recipe.pretokenize_dir or "runs/pretokenized")
+    return root / Path(recipe_path).stem / wintok.identity_hash()
+
+
+def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | None = None) -> tuple[Path, dict]:
+    import datasets
+
+    from tokenizer import preprocess
+
+    recipe = load_recipe(recipe_path)
+    if out_root:
+        recipe.pretokenize_dir = out_root
+    out = cache_dir_for(recipe_path, recipe, wintok)
+    if out.is_dir():
+        return out, {"images": len(datasets.load_from_disk(str(out))), "skipped": 0, "cached": True}
+    refs = sorted({image_key(r["image"]) for s in recipe.sources for r in read_source(s, recipe_path)
+                   if isinstance(r.get("image"), (str, Path))})
+    shards = out.parent / (out.name + ".shards")
+    shards.mkdir(parents=True, exist_ok=True)
+    skipped = 0
+    t0 = time.time()
+    for start in range(0, len(refs), SHARD):
+        shard_dir = shards / f"{start // SHARD:05d}"
+        if shard_dir.is_dir():
+            continue
+        rows = {"key": [], "pixel_codes": [], "semantic": []}
+        part = refs[start:start + SHARD]
+        for b in range(0, len(part), batch_size):
+            images, keys = [], []
+            for ref in part[b:b + batch_size]:
+                try:
+                    images.append(open_image(ref))
+                    keys.append(ref)
+                except BadSample as e:
+                    skipped += 1
+                    print(f"skipped: {e}", file=sys.stderr)
+            if not images:
+                continue
+            with torch.inference_mode():
+                enc = wintok.encode(preprocess(images, wintok.config.image_size))
+            rows["key"] += keys
+            rows["pixel_codes"] += [c.to(torch.int16).numpy() for c in enc.pixel_codes]
+            rows["semantic"] += [s.to(torch.float16).numpy() for s in enc.semantic_tokens]
+        tmp = shard_dir.with_suffix(".tmp")
+        datasets.Dataset.from_dict(rows).save_to_disk(str(tmp))
+        tmp.rename(shard_dir)  # a shard exists only once complete
+    parts = [datasets.load_from_disk(str(p)) for p in sorted(shards.iterdir()) if p.suffix != ".tmp"]
+    full = datasets.concatenate_datasets(parts) if parts else datasets.Dataset.from_dict(
+        {"key": [], "pixel_codes": [], "semantic": []})
+    full.save_to_disk(str(out))
+    shutil.rmtree(shards)
+    return out, {"images": len(full), "skipped": skipped, "seconds": round(time.time() - t0, 1),
+                 "images_per_s": round(len(full) / max(time.time() - t0, 1e-9), 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tokenizer import WinTok, WinTokLoadError
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--wintok", required=True, help="WinTok checkpoint (dir, .pth or .safetensors)")
+    p.add_argument("--out", default=None, help="cache root (default: the recipe's pretokenize_dir or runs/pretokenized)")
+    p.add_argument("--batch-size", type=int, default=64)
+    a = p.parse_args(argv)
+    try:
+        wintok = WinTok.from_checkpoint(a.wintok).freeze()
+        out, stats = pretokenize(a.recipe, wintok, a.batch_size, a.out)
+    except (ConfigError, WinTokLoadError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"pretokenized → {out}: {stats}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""What the stage trainer builds from its config: the model, the data stream, device batches, the export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from unified_mllm.config import load_recipe
+from unified_mllm.config.stage import StageConfig
+
+
+def build_model(cfg: StageConfig, ds_config: dict):
+    """→ (UnifiedMLLM, text tokenizer, ids of added tokens)."""
+    from unified_mllm.model import build_model as build
+
+    return build(cfg.model, cfg.data.cfg, cfg.optim.text_loss_weight, cfg.optim.image_loss_weight)
+
+
+def pretokenize_dir(cfg: StageConfig, recipe, wintok) -> Path:
+    root = Path(recipe.pretokenize_dir or "runs/pretokenized")
+    return root / Path(cfg.data.recipe).stem / wintok.identity_hash()
+
+
+def build_data(cfg: StageConfig, model, tokenizer, rank: int, world_size: int):
+    from unified_mllm.data.image_features import ImageFeatures
+    from unified_mllm.data.loader import DataStream
+    from unified_mllm.data.samples import SampleBuilder
+    from unified_mllm.data.templates import resolve_template
+
+    recipe = load_recipe(cfg.data.recipe)
+    wintok = model.wintok
+    cache = pretokenize_dir(cfg, recipe, wintok) if wintok is not None else None
+    if cache is not None and not cache.is_dir() and not recipe.online_tokenization:
+        raise FileNotFoundError(f"{cache}: no pretokenize cache for {cfg.data.recipe} with this WinTok; run "
+                                f"`python -m unified_mllm.data.pretokenize --recipe {cfg.data.recipe} --wintok "
+                                f"{cfg.model.wintok}` or set online_tokenization: true in the recipe")
+    features = ImageFeatures(wintok if recipe.online_tokenization else None, cache)
+    builder = SampleBuilder(tokenizer, model.config.special_ids, model.config.num_und_slots,
+                            model.config.vision.num_positions, resolve_template(cfg.data.template, tokenizer, cfg.stage),
+                            cfg.data.cfg.drop_prob, cfg.data.cfg.uncond_prompt)
+    return DataStream(cfg.data, recipe, builder, features, cfg.optim.micro_batch_size, rank, world_size,
+                      cfg.data.seed, cfg.optim.task_ratio or None, cfg.data.recipe)
+
+
+def model_inputs(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def export(trainer) -> Path:
+    """The final ``from_pretrained`` directory (LoRA merged; ZeRO-3 parameters gathered)."""
+    import deepspeed
+
+    from unified_mllm.model import save_pretrained
+
+    out = trainer.output_dir / "export"
+    model = trainer.model
+    params = [p for n, p in model.named_parameters() if not n.startswith("wintok.")]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")):
+        if trainer.rank == 0:
+            if hasattr(model.llm, "merge_and_unload"):  # LoRA: export merged weights
+                model.llm = model.llm.merge_and_unload()
+            save_pretrained(model, trainer.tokenizer, out)
+    from unified_mllm.training.distributed import barrier
+
+    barrier()
+    return out
