@@ -10,6 +10,7 @@ shards under ``.shards/`` are kept and skipped; unreadable images are counted an
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -25,9 +26,11 @@ from unified_mllm.data.sources import read_source
 SHARD = 4096
 
 
-def cache_dir_for(recipe_path: str, recipe, wintok) -> Path:
-    root = Path(recipe.pretokenize_dir or "runs/pretokenized")
-    return root / Path(recipe_path).stem / wintok.identity_hash()
+def cache_dir_for(recipe_path: str, recipe, wintok_hash: str) -> Path:
+    """``<root>/<recipe stem>/<wintok hash>``; root: the recipe's pretokenize_dir, else $UMLLM_PRETOKENIZED, else
+    runs/pretokenized."""
+    root = Path(recipe.pretokenize_dir or os.environ.get("UMLLM_PRETOKENIZED") or "runs/pretokenized")
+    return root / Path(recipe_path).stem / wintok_hash
 
 
 def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | None = None) -> tuple[Path, dict]:
@@ -38,7 +41,7 @@ def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | 
     recipe = load_recipe(recipe_path)
     if out_root:
         recipe.pretokenize_dir = out_root
-    out = cache_dir_for(recipe_path, recipe, wintok)
+    out = cache_dir_for(recipe_path, recipe, wintok.identity_hash())
     if out.is_dir():
         return out, {"images": len(datasets.load_from_disk(str(out))), "skipped": 0, "cached": True}
     refs = sorted({image_key(r["image"]) for s in recipe.sources for r in read_source(s, recipe_path)

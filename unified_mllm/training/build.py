@@ -17,20 +17,17 @@ def build_model(cfg: StageConfig, ds_config: dict):
     return build(cfg.model, cfg.data.cfg, cfg.optim.text_loss_weight, cfg.optim.image_loss_weight)
 
 
-def pretokenize_dir(cfg: StageConfig, recipe, wintok) -> Path:
-    root = Path(recipe.pretokenize_dir or "runs/pretokenized")
-    return root / Path(cfg.data.recipe).stem / wintok.identity_hash()
-
-
 def build_data(cfg: StageConfig, model, tokenizer, rank: int, world_size: int):
     from unified_mllm.data.image_features import ImageFeatures
     from unified_mllm.data.loader import DataStream
+    from unified_mllm.data.pretokenize import cache_dir_for
     from unified_mllm.data.samples import SampleBuilder
     from unified_mllm.data.templates import resolve_template
 
     recipe = load_recipe(cfg.data.recipe)
     wintok = model.wintok
-    cache = pretokenize_dir(cfg, recipe, wintok) if wintok is not None else None
+    # the hash recorded at build time: under ZeRO-3 the live WinTok parameters are partitioned
+    cache = cache_dir_for(cfg.data.recipe, recipe, model.config.wintok_hash) if wintok is not None else None
     if cache is not None and not cache.is_dir() and not recipe.online_tokenization:
         raise FileNotFoundError(f"{cache}: no pretokenize cache for {cfg.data.recipe} with this WinTok; run "
                                 f"`python -m unified_mllm.data.pretokenize --recipe {cfg.data.recipe} --wintok "
@@ -55,7 +52,7 @@ def export(trainer) -> Path:
 
     out = trainer.output_dir / "export"
     model = trainer.model
-    params = [p for n, p in model.named_parameters() if not n.startswith("wintok.")]
+    params = list(model.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")):
         if trainer.rank == 0:
             if hasattr(model.llm, "merge_and_unload"):  # LoRA: export merged weights
