@@ -115,3 +115,11 @@ def test_two_processes_under_the_deepspeed_launcher(world: dict, tmp_path: Path,
     meta = json.loads(next((out / "checkpoints").glob("step_*/meta.json")).read_text())
     assert meta["world_size"] == 2
     assert (out / "export" / "model.safetensors").is_file()
+
+
+def test_inspect_prints_each_source_with_its_loss_mask(world: dict) -> None:
+    res = run([sys.executable, "-m", "unified_mllm.data.inspect", "--recipe", "data_recipes/shapeworld_mixed.yaml",
+               "--tokenizer", str(world["root"] / "tok"), "--wintok", str(world["root"] / "wt")], world)
+    assert res.returncode == 0, res.stderr
+    assert "== shapeworld_vqa (understanding" in res.stdout and "== shapeworld_t2i (generation" in res.stdout
+    assert "[<image>×4]" in res.stdout and "[<image_gen>×16] <eoi>" in res.stdout
