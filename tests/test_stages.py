@@ -123,3 +123,23 @@ def test_inspect_prints_each_source_with_its_loss_mask(world: dict) -> None:
     assert res.returncode == 0, res.stderr
     assert "== shapeworld_vqa (understanding" in res.stdout and "== shapeworld_t2i (generation" in res.stdout
     assert "[<image>×4]" in res.stdout and "[<image_gen>×16] <eoi>" in res.stdout
+
+
+def test_lora_with_gradient_checkpointing_trains_and_exports_merged(world: dict, tmp_path: Path) -> None:
+    from unified_mllm.model import load_pretrained
+
+    out = tmp_path / "lora"
+    res = run(stage_cmd(world, "sft", out, 2, "train.llm=lora", "train.lora_rank=4", "train.lora_alpha=8",
+                        "deepspeed.gradient_checkpointing=true"), world)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "trainable" in res.stdout + res.stderr
+    model, _ = load_pretrained(out / "export")
+    assert not any("lora" in k for k in model.state_dict())  # merged into the base weights
+
+
+def test_nan_loss_stops_before_the_update_and_names_the_step(world: dict, tmp_path: Path) -> None:
+    out = tmp_path / "nan"
+    res = run(stage_cmd(world, "sft", out, 3, "optim.text_loss_weight=nan"), world)
+    assert res.returncode == 4
+    assert "loss is nan at step 1" in res.stderr and "shapeworld_vqa" in res.stderr
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
