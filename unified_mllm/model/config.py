@@ -53,6 +53,9 @@ class UnifiedConfig:
     """Token ids added by this project (their embedding rows train even under LoRA)."""
     wintok_hash: str | None = None
     """identity_hash() of the WinTok the model was trained with."""
+    chat_template: str | None = None
+    """The Jinja template the understanding data was rendered with (inference renders prompts with it; None: the
+    tokenizer's own)."""
 
     @property
     def num_und_slots(self) -> int:

@@ -33,8 +33,11 @@ def build_data(cfg: StageConfig, model, tokenizer, rank: int, world_size: int):
                                 f"`python -m unified_mllm.data.pretokenize --recipe {cfg.data.recipe} --wintok "
                                 f"{cfg.model.wintok}` or set online_tokenization: true in the recipe")
     features = ImageFeatures(wintok if recipe.online_tokenization else None, cache)
+    template = resolve_template(cfg.data.template, tokenizer, cfg.stage)
+    if any(src.task in ("understanding", "text") for src in recipe.sources):
+        model.config.chat_template = template  # saved with the export; inference renders prompts with it
     builder = SampleBuilder(tokenizer, model.config.special_ids, model.config.num_und_slots,
-                            model.config.vision.num_positions, resolve_template(cfg.data.template, tokenizer, cfg.stage),
+                            model.config.vision.num_positions, template,
                             cfg.data.cfg.drop_prob, cfg.data.cfg.uncond_prompt)
     return DataStream(cfg.data, recipe, builder, features, cfg.optim.micro_batch_size, rank, world_size,
                       cfg.data.seed, cfg.optim.task_ratio or None, cfg.data.recipe)
