@@ -25,7 +25,11 @@ ARCHS = {
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("assets")
+    return make_assets(tmp_path_factory.mktemp("assets"))
+
+
+def make_assets(root: Path) -> Path:
+    """A word-level text tokenizer (root/tok) and a tiny random WinTok (root/wt)."""
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
