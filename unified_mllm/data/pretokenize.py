@@ -33,6 +33,21 @@ def cache_dir_for(recipe_path: str, recipe, wintok_hash: str) -> Path:
     return root / Path(recipe_path).stem / wintok_hash
 
 
+def encoded_elsewhere(out: Path) -> dict[str, tuple]:
+    """Features of images already in another recipe's finished cache for the same WinTok (same root and hash):
+    key → (pixel_codes, semantic). Recipes that share images (the ShapeWorld ones all do) encode them once."""
+    import datasets
+
+    known: dict[str, tuple] = {}
+    for other in sorted(out.parent.parent.glob(f"*/{out.name}")):
+        if other == out or not (other / "dataset_info.json").is_file():
+            continue
+        ds = datasets.load_from_disk(str(other)).with_format("numpy")
+        for key, codes, sem in zip(ds["key"], ds["pixel_codes"], ds["semantic"]):
+            known.setdefault(str(key), (codes, sem))
+    return known
+
+
 def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | None = None) -> tuple[Path, dict]:
     import datasets
 
@@ -48,7 +63,8 @@ def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | 
                    if isinstance(r.get("image"), (str, Path))})
     shards = out.parent / (out.name + ".shards")
     shards.mkdir(parents=True, exist_ok=True)
-    skipped = 0
+    known = encoded_elsewhere(out)
+    skipped = reused = 0
     t0 = time.time()
     for start in range(0, len(refs), SHARD):
         shard_dir = shards / f"{start // SHARD:05d}"
@@ -59,6 +75,12 @@ def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | 
         for b in range(0, len(part), batch_size):
             images, keys = [], []
             for ref in part[b:b + batch_size]:
+                if ref in known:
+                    rows["key"].append(ref)
+                    rows["pixel_codes"].append(known[ref][0])
+                    rows["semantic"].append(known[ref][1])
+                    reused += 1
+                    continue
                 try:
                     images.append(open_image(ref))
                     keys.append(ref)
@@ -80,7 +102,7 @@ def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | 
         {"key": [], "pixel_codes": [], "semantic": []})
     full.save_to_disk(str(out))
     shutil.rmtree(shards)
-    return out, {"images": len(full), "skipped": skipped, "seconds": round(time.time() - t0, 1),
+    return out, {"images": len(full), "skipped": skipped, "reused": reused, "seconds": round(time.time() - t0, 1),
                  "images_per_s": round(len(full) / max(time.time() - t0, 1e-9), 1)}
 
 
