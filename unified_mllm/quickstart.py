@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -31,9 +32,9 @@ class Step:
     """A module that must exist for this step; without it the step is reported as not available yet."""
 
 
-def run_cmd(cmd: list[str]) -> None:
+def run_cmd(cmd: list[str], env: dict | None = None) -> None:
     print("  $ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=env, cwd=PROJECT_ROOT)
 
 
 def step_data(args: argparse.Namespace) -> str:
@@ -98,16 +99,115 @@ def step_probe(args: argparse.Namespace) -> str:
         f"{k} {r[k]['semantic']:.2f} vs {r[k]['pixel']:.2f}" for k in ("kind", "colour", "count"))
 
 
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.out) / "data" / "shapeworld"
+
+
+def _env(args: argparse.Namespace) -> dict:
+    """The recipes read ShapeWorld from SHAPEWORLD_DIR; the pretokenize cache lives inside the run directory."""
+    return {**os.environ, "SHAPEWORLD_DIR": str(_data_dir(args)),
+            "UMLLM_PRETOKENIZED": str(Path(args.out) / "pretokenized")}
+
+
+def step_text_tokenizer(args: argparse.Namespace) -> str:
+    out = Path(args.out) / "text_tokenizer"
+    run_cmd([sys.executable, "-m", "unified_mllm.data.text_tokenizer", "--recipe", "data_recipes/shapeworld_mixed.yaml",
+             "--out", str(out), "--vocab-size", "256" if args.fast else "512"], env=_env(args))
+    return f"SentencePiece text tokenizer trained on the ShapeWorld texts → {out}"
+
+
+def step_pretokenize(args: argparse.Namespace) -> str:
+    done = []
+    for stage in _chain(args):
+        recipe = load_stage_config(stage).data.recipe
+        if recipe in done:
+            continue
+        run_cmd([sys.executable, "-m", "unified_mllm.data.pretokenize", "--recipe", recipe, "--wintok",
+                 str(Path(args.out) / "wintok")], env=_env(args))
+        done.append(recipe)
+    return f"WinTok codes + semantic tokens cached for {', '.join(done)} in {Path(args.out) / 'pretokenized'}"
+
+
+def _chain(args: argparse.Namespace) -> list[str]:
+    return [s.strip() for s in args.chain.split(",") if s.strip()]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+FAST_STAGE = ["optim.max_steps=6", "optim.micro_batch_size=4", "checkpoint.save_every=3", "logging.log_every=1"]
+
+
+def stage_command(args: argparse.Namespace, stage: str, prev: str | None) -> list[str]:
+    """The DeepSpeed-launcher command of one MLLM stage of the chain (ZeRO-2, one process)."""
+    out = Path(args.out)
+    sets = [f"model.wintok={out / 'wintok'}", f"model.llm.text_tokenizer={out / 'text_tokenizer'}",
+            f"model.init_from={out / prev / 'export' if prev else 'null'}", f"checkpoint.output_dir={out / stage}",
+            "deepspeed.config=stage_configs/deepspeed/zero2.json", "logging.progress_bar=false"]
+    if args.fast:
+        sets += FAST_STAGE
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    cmd = [deepspeed, "--num_gpus", "1", "--master_port", str(_free_port()), str(PROJECT_ROOT / "train_stage.py"),
+           "--stage", stage]
+    for item in sets:
+        cmd += ["--set", item]
+    return cmd
+
+
+def make_stage_step(stage: str) -> Step:
+    def run(args: argparse.Namespace) -> str:
+        chain = _chain(args)
+        prev = chain[chain.index(stage) - 1] if chain.index(stage) else None
+        run_cmd(stage_command(args, stage, prev), env=_env(args))
+        records = [json.loads(x) for x in (Path(args.out) / stage / "metrics.jsonl").read_text().splitlines()]
+        first, last = records[0], records[-1]
+        tps = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+        return (f"{stage}: {last['step']} steps, loss {first['loss']:.3f} → {last['loss']:.3f}, "
+                f"{sum(tps) / max(len(tps), 1):.0f} tokens/s; export {Path(args.out) / stage / 'export'}")
+
+    return Step(stage, run, needs="unified_mllm.training")
+
+
+def step_eval(args: argparse.Namespace) -> str:
+    final = Path(args.out) / _chain(args)[-1] / "export"
+    out = Path(args.out) / "eval"
+    config = "eval_configs/shapeworld_fast.yaml" if args.fast else "eval_configs/shapeworld.yaml"
+    run_cmd([sys.executable, "-m", "eval.suite", "--checkpoint", str(final), "--config", config, "--out", str(out)],
+            env=_env(args))
+    return f"evaluation suite on {final} → {out / 'summary.md'}"
+
+
+def step_report(args: argparse.Namespace) -> str:
+    from unified_mllm.report import write_report
+
+    path = write_report(Path(args.out), _chain(args))
+    return f"report → {path}"
+
+
 STEPS = [
     Step("data", step_data, needs="unified_mllm.shapeworld"),
     Step("configs", step_configs),
     Step("teacher", step_teacher, needs="tokenizer.teacher"),
     Step("tokenizer", step_tokenizer, needs="tokenizer.training"),
     Step("probe", step_probe, needs="tokenizer.probe"),
-
+    Step("text_tokenizer", step_text_tokenizer, needs="unified_mllm.data.text_tokenizer"),
+    Step("pretokenize", step_pretokenize, needs="unified_mllm.data.pretokenize"),
+    # the MLLM stages of --chain are inserted here
+    Step("eval", step_eval, needs="eval.suite"),
+    Step("report", step_report, needs="unified_mllm.report"),
 ]
-NOT_BUILT_YET = ("text tokenizer", "pretokenize", "align", "sft", "t2i", "evaluation suite", "report")
-"""Pipeline steps whose code does not exist yet (model, data pipeline, staged training, evaluation issues)."""
+NOT_BUILT_YET: tuple[str, ...] = ()
+"""Pipeline steps whose code does not exist yet."""
+
+
+def steps_for(args: argparse.Namespace) -> list[Step]:
+    i = next(k for k, s in enumerate(STEPS) if s.name == "eval")
+    return STEPS[:i] + [make_stage_step(stage) for stage in _chain(args)] + STEPS[i:]
 
 
 def _missing(module: str) -> bool:
@@ -122,11 +222,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/quickstart", help="run directory")
     parser.add_argument("--fast", action="store_true", help="few steps and small data (CI smoke run)")
     parser.add_argument("--resolution", type=int, default=64, help="ShapeWorld image size")
+    parser.add_argument("--chain", default="align,mixed",
+                        help="the MLLM stages, in order, each initialised from the previous export "
+                             "(e.g. align,sft,t2i)")
     args = parser.parse_args(argv)
+    args.out = str(Path(args.out).resolve())
+    for stage in _chain(args):
+        if stage not in STAGE_CONFIG_CLASSES or stage == "tokenizer":
+            parser.error(f"--chain: unknown MLLM stage {stage!r} (valid: align, sft, t2i, mixed)")
     done_dir = Path(args.out) / ".done"
     done_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    for step in STEPS:
+    for step in steps_for(args):
         marker = done_dir / step.name
         if marker.exists():
             print(f"[quickstart] {step.name}: already done ({marker.read_text().strip()})")
@@ -147,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         marker.write_text(summary + "\n")
         print(f"[quickstart] {step.name}: {summary} ({timings[step.name]} s)")
     else:
-        print(f"[quickstart] every built step is done; not built yet: {', '.join(NOT_BUILT_YET)}")
+        print("[quickstart] every step is done" + (f"; not built yet: {', '.join(NOT_BUILT_YET)}" if NOT_BUILT_YET
+                                                   else f"; report: {Path(args.out) / 'report.md'}"))
     timing_file = Path(args.out) / "timings.json"
     previous = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     timing_file.write_text(json.dumps({**previous, **timings}, indent=2) + "\n")
