@@ -165,3 +165,14 @@ def test_touch_unused_reaches_every_trainable_module(assets: Path) -> None:
     for name in ("projector", "gen_embedding", "gen_head"):
         params = list(getattr(model, name).parameters())
         assert all(p.grad is not None for p in params if p.requires_grad), name
+
+
+def test_wintok_is_held_outside_the_trainable_module_tree(assets: Path, tmp_path: Path) -> None:
+    """WinTok must not reach the optimizer, the state dict or ZeRO-3's partitioning; it is saved beside the model."""
+    model, tok, _ = build(assets)
+    wintok_params = {id(p) for p in model.wintok.parameters()}
+    assert not wintok_params & {id(p) for p in model.parameters()}
+    assert not any(k.startswith("wintok") for k in model.state_dict())
+    out = save_pretrained(model, tok, tmp_path / "export")
+    loaded, _ = load_pretrained(out)
+    assert loaded.wintok.identity_hash() == model.wintok.identity_hash()

@@ -64,7 +64,7 @@ class UnifiedPipeline:
         self.config = model.config
         if model.wintok is None:
             raise ValueError("this export has no wintok/ directory; images can be neither read nor drawn")
-        self.wintok = model.wintok
+        self.wintok = model.wintok.to(self.device).eval()
         self.ids = self.config.special_ids
         self.template = self.config.chat_template or tokenizer.chat_template or CHATML
         self.stop_ids = self._end_of_turn_ids()

@@ -39,7 +39,10 @@ class UnifiedMLLM(nn.Module):
         super().__init__()
         self.config = config
         self.llm = llm
-        self.wintok = wintok
+        # WinTok is held, not registered: it is frozen, so it stays out of parameters(), the optimizer, the state dict
+        # and ZeRO-3's partitioning (online tokenization would otherwise see partitioned weights); it is saved beside
+        # the model (export.py) and moved with it by the inference pipeline.
+        self.__dict__["wintok"] = wintok
         hidden = llm.config.hidden_size
         self.projector = UnderstandingProjector(config, hidden)
         self.gen_embedding = build_gen_embedding(config, hidden)
