@@ -41,7 +41,7 @@ def build_data(cfg: StageConfig, model, tokenizer, rank: int, world_size: int):
 
 
 def model_inputs(batch: dict, device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "records"}
 
 
 def export(trainer) -> Path:
