@@ -125,8 +125,11 @@ class StageTrainer:
         cfg = self.cfg
         if self.resumed_from:
             self.logger.message(f"resumed from {self.resumed_from} at step {self.step}")
-        self.logger.message(f"stage {cfg.stage}: {self.trainables.describe()}; ZeRO-{zero_stage(self.ds_config)}, "
-                            f"{self.precision}, {self.world_size} process(es)")
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # under the ZeRO wrapper
+        offload = self.ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none")
+        self.logger.message(f"stage {cfg.stage}: {self.trainables.describe()}; ZeRO-{zero_stage(self.ds_config)}"
+                            f"{', optimizer offload ' + offload if offload not in ('none', None) else ''}, "
+                            f"{type(inner).__name__}, {self.precision}, {self.world_size} process(es)")
         data_iter = iter(self.loader)
         window_tokens, window_start = 0.0, time.time()
         try:
