@@ -71,10 +71,11 @@ class ImageFeatures:
                                                 f"is off")
         from tokenizer import preprocess
 
-        x = preprocess(open_image(ref), self.wintok.config.image_size)
+        device = next(self.wintok.parameters()).device
+        x = preprocess(open_image(ref), self.wintok.config.image_size).to(device)
         with torch.inference_mode():
             enc = self.wintok.encode(x)
-        self.memory[key] = (enc.semantic_tokens[0].clone(), enc.pixel_codes[0].clone())
+        self.memory[key] = (enc.semantic_tokens[0].cpu().clone(), enc.pixel_codes[0].cpu().clone())
         return self.memory[key]
 
 
