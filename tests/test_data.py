@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from unified_mllm.data.samples import BadSample, SampleBuilder
 from unified_mllm.data.templates import TEMPLATES
 from unified_mllm.tokens import add_special_tokens
 
+ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "user", "assistant", "a", "red", "circle", "is",
          "there", "yes", "no", "how", "many", "two", "USER", "ASSISTANT", ":", "?"]
 OWN_TEMPLATE = ("{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] + ' [end] ' }}{% endfor %}"
@@ -197,3 +200,316 @@ def test_image_features_report_missing_and_corrupt_images(tmp_path: Path) -> Non
     with pytest.raises(BadSample) as err:
         open_image(str(tmp_path / "gone.png"))
     assert err.value.reason == "missing_image"
+
+
+# ------------------------------------------------------------------------------------------------ source formats
+# Each test writes its own files from a ShapeWorld dataset made by the real generator (conftest) and reads them through
+# the recipe → DataStream → SampleBuilder → ImageFeatures path; images are tokenized online by a tiny WinTok.
+
+def word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer that knows every word of ``texts`` (so decoded samples can be compared word by word)."""
+    pre = pre_tokenizers.Whitespace()
+    words = dict.fromkeys(["<unk>", "<s>", "</s>"] + [w for t in texts for w, _ in pre.pre_tokenize_str(t)])
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def words(text: str) -> list[str]:
+    return [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)]
+
+
+def sw_rows(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "t2i_train.jsonl").read_text().splitlines()]
+
+
+def sw_builder(texts: list[str], template: str = "plain") -> SampleBuilder:
+    tok = word_tokenizer(texts)
+    ids, _ = add_special_tokens(tok, "<unconditional>")
+    return SampleBuilder(tok, ids.to_dict(), num_und_slots=4, num_positions=16, template=TEMPLATES[template],
+                         drop_prob=0.0, uncond_prompt="<unconditional>")
+
+
+def encoded(wintok, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    from tokenizer import preprocess
+
+    with torch.inference_mode():
+        enc = wintok.encode(preprocess([image.convert("RGB")], wintok.config.image_size))
+    return enc.semantic_tokens[0], enc.pixel_codes[0]
+
+
+def read_all(recipe: RecipeConfig, builder: SampleBuilder, features, want: set, **data) -> tuple[DataStream, dict]:
+    """One sample per batch until every record in ``want`` was seen; → (stream, {(source, index): batch})."""
+    cfg = load_config(DataConfig, {"max_seq_len": 256, "packing": False, "num_workers": 0, **data})
+    stream = DataStream(cfg, recipe, builder, features, micro_batch_size=1, seed=1)
+    seen: dict = {}
+    for _ in range(20 * len(want)):
+        batch = next(stream)
+        (key,) = batch["records"]
+        assert key in want, f"{key} is a bad record and must have been skipped"
+        seen.setdefault(key, batch)
+        if len(seen) == len(want):
+            break
+    assert set(seen) == want
+    return stream, seen
+
+
+def check_generation(batch: dict, caption: str, image: Image.Image, builder: SampleBuilder, wintok) -> None:
+    s, tok = builder.special_ids, builder.tokenizer
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    boi = ids.index(s["boi_id"])
+    assert tok.convert_ids_to_tokens(ids[1:boi]) == words(caption) and ids[0] == tok.bos_token_id
+    assert ids[boi + 1:] == [s["image_gen_token_id"]] * 16 + [s["eoi_id"]]
+    assert [lab for lab in labels if lab != IGNORE] == [s["eoi_id"]]  # text loss on <eoi> only; codes have their own
+    assert torch.equal(batch["gen_codes"][0], encoded(wintok, image)[1])
+
+
+def check_caption_understanding(batch: dict, caption: str, image: Image.Image, builder: SampleBuilder, wintok) -> None:
+    s, tok = builder.special_ids, builder.tokenizer
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    assert ids.count(s["image_token_id"]) == 4 and ids[0] == s["img_start_id"]
+    learned = tok.convert_ids_to_tokens([t for t, lab in zip(ids, labels) if lab != IGNORE])
+    assert learned == words(caption) + ["</s>"]  # plain template: the caption and its end, nothing of the image
+    assert torch.equal(batch["und_semantic"][0], encoded(wintok, image)[0])
+
+
+def test_parquet_pairs_become_samples_and_bad_records_are_skipped(tmp_path: Path, shapeworld_tiny: Path,
+                                                                  tiny_wintok) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from unified_mllm.data.image_features import ImageFeatures
+
+    rows = sw_rows(shapeworld_tiny)[:12]
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    # part 0: images embedded as {"bytes", "path"} structs (what `datasets` writes); one corrupt
+    part0 = [{"caption": r["caption"], "image": {"bytes": (shapeworld_tiny / r["image"]).read_bytes(), "path": None}}
+             for r in rows[:6]]
+    part0[2]["image"] = {"bytes": b"\x89PNG but not really", "path": None}
+    # part 1: image paths relative to image_root; one missing file, one record without a caption
+    part1 = [{"caption": r["caption"], "image": r["image"]} for r in rows[6:]]
+    part1[1]["image"] = "images/train/missing.png"
+    part1[3]["caption"] = None
+    pq.write_table(pa.Table.from_pylist(part0), folder / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(part1), folder / "part-1.parquet")
+    recipe = load_config(RecipeConfig, {"sources": [
+        {"name": "gen", "format": "t2i_parquet", "path": str(folder), "image_root": str(shapeworld_tiny),
+         "task": "generation"},
+        {"name": "cap", "format": "t2i_parquet", "path": str(folder), "image_root": str(shapeworld_tiny),
+         "task": "understanding"}]})
+    builder = sw_builder([r["caption"] for r in rows])
+    bad = {2: "corrupt_image", 7: "missing_image", 9: "malformed"}
+    want = {(name, i) for name in ("gen", "cap") for i in range(12) if i not in bad}
+    stream, seen = read_all(recipe, builder, ImageFeatures(tiny_wintok), want)
+    for (name, i), batch in seen.items():
+        image = Image.open(shapeworld_tiny / rows[i]["image"])
+        check = check_generation if name == "gen" else check_caption_understanding
+        check(batch, rows[i]["caption"], image, builder, tiny_wintok)
+    stats = stream.stats()
+    for name, malformed in (("gen", "malformed_record"), ("cap", "malformed_conversation")):
+        assert stats[f"{name}/corrupt_image"] >= 1 and stats[f"{name}/missing_image"] >= 1
+        assert stats[f"{name}/{malformed}"] >= 1
+    assert set(stats) == {f"{n}/{r}" for n in ("gen", "cap") for r in ("corrupt_image", "missing_image")} | {
+        "gen/malformed_record", "cap/malformed_conversation"}
+
+
+def test_hf_disk_dataset_with_image_feature_and_conversations(tmp_path: Path, shapeworld_tiny: Path,
+                                                              tiny_wintok) -> None:
+    import datasets
+
+    from unified_mllm.data.image_features import ImageFeatures
+    from unified_mllm.shapeworld.dataset import load_hf_dataset
+
+    # LLaVA-style conversations with image paths relative to image_root, as a DatasetDict; one image file is missing,
+    # one conversation has no answer
+    rows = json.loads((shapeworld_tiny / "llava_train.json").read_text())[:10]
+    bad_conv = [dict(r) for r in rows]
+    bad_conv[3]["image"] = "images/train/gone.png"
+    bad_conv[5]["conversations"] = [{"from": "human", "value": "<image>\nno answer here"}]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(bad_conv)}).save_to_disk(str(tmp_path / "conv_disk"))
+    # caption pairs in an Image column (save_to_disk embeds the files' bytes); one is not an image
+    t2i = load_hf_dataset(shapeworld_tiny, "t2i").select(range(8)).cast_column("image", datasets.Image(decode=False))
+    pairs = [{"caption": r["caption"], "image": {"bytes": Path(r["image"]["path"]).read_bytes(), "path": None}}
+             for r in t2i.to_list()]
+    pairs[4]["image"] = {"bytes": b"garbage", "path": None}
+    datasets.Dataset.from_list(pairs, features=datasets.Features(
+        {"caption": datasets.Value("string"), "image": datasets.Image()})).save_to_disk(str(tmp_path / "pairs_disk"))
+    recipe = load_config(RecipeConfig, {"sources": [
+        {"name": "vqa", "format": "hf_disk", "path": str(tmp_path / "conv_disk"), "image_root": str(shapeworld_tiny),
+         "task": "understanding"},
+        {"name": "gen", "format": "hf_disk", "path": str(tmp_path / "pairs_disk"), "task": "generation"}]})
+    texts = [t["value"].replace("<image>", "") for r in rows for t in r["conversations"]] + [p["caption"] for p in pairs]
+    builder = sw_builder(texts, template="chatml")
+    builder.tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    want = {("vqa", i) for i in range(10) if i not in (3, 5)} | {("gen", i) for i in range(8) if i != 4}
+    stream, seen = read_all(recipe, builder, ImageFeatures(tiny_wintok), want, template="chatml")
+    tok, s = builder.tokenizer, builder.special_ids
+    for (name, i), batch in seen.items():
+        if name == "gen":
+            check_generation(batch, pairs[i]["caption"], Image.open(t2i[i]["image"]["path"]), builder, tiny_wintok)
+            continue
+        ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+        answers = [w for t in rows[i]["conversations"] if t["from"] == "gpt" for w in words(t["value"]) + ["<|im_end|>"]]
+        assert tok.convert_ids_to_tokens([t for t, lab in zip(ids, labels) if lab != IGNORE]) == answers
+        assert ids.count(s["image_token_id"]) == 4
+        assert torch.equal(batch["und_semantic"][0], encoded(tiny_wintok, Image.open(shapeworld_tiny / rows[i]["image"]))[0])
+    stats = stream.stats()
+    assert set(stats) == {"vqa/missing_image", "vqa/no_answer", "gen/corrupt_image"}
+
+
+def test_streamed_dataset_from_local_files(tmp_path: Path, shapeworld_tiny: Path, tiny_wintok) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from unified_mllm.data.image_features import ImageFeatures
+
+    rows = sw_rows(shapeworld_tiny)[:12]
+    # a folder of JSON-lines files with image paths; one record lacks its image, one has no caption
+    folder = tmp_path / "stream"
+    folder.mkdir()
+    lines = [{"caption": r["caption"], "image": r["image"]} for r in rows]
+    lines[4]["image"] = "images/train/not_there.png"
+    lines[8]["caption"] = None
+    for k in range(2):
+        (folder / f"shard-{k}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[6 * k:6 * k + 6]))
+    # one parquet file with image bytes under another column name
+    pq.write_table(pa.Table.from_pylist([{"text": r["caption"], "png": (shapeworld_tiny / r["image"]).read_bytes()}
+                                         for r in rows[:5]]), tmp_path / "one.parquet")
+    recipe = load_config(RecipeConfig, {"sources": [
+        {"name": "jsonl", "format": "hf_stream", "path": str(folder), "image_root": str(shapeworld_tiny),
+         "task": "generation"},
+        {"name": "pq", "format": "hf_stream", "path": str(tmp_path / "one.parquet"), "caption_field": "text",
+         "image_field": "png", "task": "generation", "max_samples": 4}]})
+    builder = sw_builder([r["caption"] for r in rows])
+    want = {("jsonl", i) for i in range(12) if i not in (4, 8)} | {("pq", i) for i in range(4)}
+    stream, seen = read_all(recipe, builder, ImageFeatures(tiny_wintok), want)
+    for (_source, i), batch in seen.items():
+        check_generation(batch, rows[i]["caption"], Image.open(shapeworld_tiny / rows[i]["image"]), builder,
+                         tiny_wintok)
+    assert set(stream.stats()) == {"jsonl/missing_image", "jsonl/malformed_record"}
+    assert len(stream.records["pq"]) == 4  # max_samples stops the stream
+
+
+@pytest.mark.parametrize("case", ["missing_column", "damaged_parquet", "stream_not_on_disk", "stream_unknown_files",
+                                  "stream_broken_json"])
+def test_reader_errors_name_the_file_and_the_fix(tmp_path: Path, builder: SampleBuilder, case: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = {"name": "x", "task": "generation", "format": "hf_stream"}
+    if case == "missing_column":
+        pq.write_table(pa.Table.from_pylist([{"prompt": "a red circle", "image": "0.png"}]), tmp_path / "p.parquet")
+        src |= {"format": "t2i_parquet", "path": str(tmp_path / "p.parquet")}
+        match = r"p.parquet: no column 'caption' .*set sources.x.caption_field"
+    elif case == "damaged_parquet":
+        (tmp_path / "p.parquet").write_bytes(b"PAR1 not really")
+        src |= {"format": "t2i_parquet", "path": str(tmp_path / "p.parquet")}
+        match = "p.parquet: not a readable parquet file"
+    elif case == "stream_not_on_disk":
+        src |= {"path": str(tmp_path / "user/dataset-on-the-hub")}
+        match = "dataset-on-the-hub: not found"
+    elif case == "stream_unknown_files":
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "a.txt").write_text("a red circle")
+        src |= {"path": str(tmp_path / "d")}
+        match = "hf_stream reads one kind of local data file"
+    else:
+        (tmp_path / "b.jsonl").write_text('{"caption": "a", "image": "0.png"}\n{not json\n')
+        src |= {"path": str(tmp_path / "b.jsonl")}
+        match = r"b.jsonl: cannot read the dataset .*fix or remove the damaged file"
+    recipe = load_config(RecipeConfig, {"sources": [src]})
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        DataStream(load_config(DataConfig, {}), recipe, builder, FakeFeatures(), 2)
+
+
+# ------------------------------------------------------------------------------------------------ worker processes
+@pytest.fixture
+def pretokenized_mixture(tmp_path: Path, shapeworld_tiny: Path, tiny_wintok) -> tuple[RecipeConfig, SampleBuilder, object]:
+    """Three ShapeWorld sources (conversations, caption understanding, parquet pairs with image bytes) with bad
+    records, pretokenized by the real command into a cache → (recipe, builder, ImageFeatures of the cache)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from unified_mllm.config import load_recipe
+    from unified_mllm.data.image_features import ImageFeatures
+    from unified_mllm.data.pretokenize import cache_dir_for
+
+    llava = json.loads((shapeworld_tiny / "llava_train.json").read_text())
+    llava[4]["image"] = "images/train/missing.png"
+    (tmp_path / "llava.json").write_text(json.dumps(llava))
+    rows = sw_rows(shapeworld_tiny)
+    pairs = [{"caption": r["caption"], "image": (shapeworld_tiny / r["image"]).read_bytes()} for r in rows]
+    pairs[7]["image"] = b"not an image"
+    pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "pairs.parquet")
+    recipe_path = tmp_path / "mix.yaml"
+    recipe_path.write_text(yaml.safe_dump({"sources": [
+        {"name": "vqa", "format": "llava_json", "path": str(tmp_path / "llava.json"), "image_root": str(shapeworld_tiny),
+         "task": "understanding", "weight": 2.0},
+        {"name": "cap", "format": "t2i_jsonl", "path": str(shapeworld_tiny / "t2i_train.jsonl"),
+         "task": "understanding"},
+        {"name": "gen", "format": "t2i_parquet", "path": str(tmp_path / "pairs.parquet"), "task": "generation"}]}))
+    tiny_wintok.save_pretrained(tmp_path / "wt")
+    res = subprocess.run([sys.executable, "-m", "unified_mllm.data.pretokenize", "--recipe", str(recipe_path),
+                          "--wintok", str(tmp_path / "wt"), "--out", str(tmp_path / "pretok")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    recipe = load_recipe(str(recipe_path))
+    recipe.pretokenize_dir = str(tmp_path / "pretok")
+    cache = cache_dir_for(str(recipe_path), recipe, tiny_wintok.identity_hash())
+    assert cache.is_dir()
+    features = ImageFeatures(None, cache)
+    texts = [t["value"].replace("<image>", "") for r in llava for t in r["conversations"]] + [r["caption"] for r in rows]
+    builder = sw_builder(texts, template="chatml")
+    builder.tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    builder.drop_prob = 0.3  # caption dropout must not depend on who builds the sample
+    return recipe, builder, features
+
+
+def mixture_stream(mix, num_workers: int) -> DataStream:
+    recipe, builder, features = mix
+    cfg = load_config(DataConfig, {"max_seq_len": 160, "packing": True, "num_workers": num_workers})
+    return DataStream(cfg, recipe, builder, features, micro_batch_size=2, seed=5)
+
+
+def assert_same_batch(got: dict, want: dict) -> None:
+    assert got["records"] == want["records"] and got["task"] == want["task"]
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(got[k], v), k
+
+
+def test_workers_give_the_same_batches_and_resume_exactly(pretokenized_mixture) -> None:
+    ref_stream = mixture_stream(pretokenized_mixture, 0)
+    reference = [next(ref_stream) for _ in range(30)]
+    assert {t for b in reference for t in [b["task"]]} == {"understanding", "generation"}
+    assert any(len(b["records"]) > 2 for b in reference)  # packed rows, so samples are put back and replayed
+    assert set(ref_stream.stats()) == {"vqa/not_pretokenized", "gen/not_pretokenized"}  # the missing/corrupt images
+    assert not any(src == "gen" and i == 7 for b in reference for src, i in b["records"])
+
+    workers = mixture_stream(pretokenized_mixture, 2)
+    try:
+        for i, want in enumerate(reference[:12]):
+            assert_same_batch(next(workers), want)
+            if i == 0:
+                pids = [p.pid for p in workers._pool.procs]
+                assert len(pids) == 2 and all(p.is_alive() for p in workers._pool.procs)
+        state = json.loads(json.dumps(workers.state_dict()))
+        for want in reference[12:]:
+            assert_same_batch(next(workers), want)
+        assert workers.state_dict() == ref_stream.state_dict() | {"rng": workers.state_dict()["rng"]}
+        assert workers.rng.getstate() == ref_stream.rng.getstate() and workers.stats() == ref_stream.stats()
+    finally:
+        procs = workers._pool.procs
+        workers.close()
+    assert not any(p.is_alive() for p in procs)
+
+    resumed = mixture_stream(pretokenized_mixture, 2)
+    resumed.load_state_dict(state)
+    try:
+        for want in reference[12:24]:
+            assert_same_batch(next(resumed), want)
+    finally:
+        resumed.close()

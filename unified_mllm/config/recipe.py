@@ -10,9 +10,12 @@ from unified_mllm.config.base import check
 SourceFormat = Literal[
     "llava_json",        # LLaVA-style conversation JSON (list of {id, image, conversations}) + image_root
     "t2i_jsonl",         # text-to-image pairs, one {"caption", "image"} object per line
-    "t2i_parquet",       # text-to-image pairs in parquet (caption column + image path or bytes column)
-    "hf_disk",           # a Hugging Face dataset saved with save_to_disk
-    "hf_stream",         # a Hugging Face dataset streamed from a local script/folder
+    "t2i_parquet",       # text-to-image pairs in parquet, a file or a folder of *.parquet (caption column + image
+                         # path, bytes or {bytes, path} column)
+    "hf_disk",           # a Hugging Face dataset saved with save_to_disk (its "train" split for a DatasetDict);
+                         # caption or conversations column + image column (paths or an Image feature)
+    "hf_stream",         # a Hugging Face dataset streamed (datasets.load_dataset(..., streaming=True)) from local
+                         # data files: one .parquet/.jsonl/.json/.csv/.arrow file or a folder of them
     "text_json",         # text-only conversations (LLaVA-style JSON without images)
 ]
 Task = Literal["understanding", "generation", "text"]

@@ -111,7 +111,7 @@ class DataConfig:
     on_bad_sample: Literal["skip", "error"] = "skip"
     """A corrupt image, malformed record or over-long sample: skip it (counted and logged) or stop with an error."""
     num_workers: int = 2
-    """Data-loader worker processes."""
+    """Worker processes that tokenize records and read image features ahead of the stream (0: in the main process); the batches, their order and the resume position are the same for every value."""
     seed: int = 0
     """Seed of the mixture interleaving and caption dropout."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from pathlib import Path
@@ -15,7 +16,13 @@ log = logging.getLogger(__name__)
 
 
 def image_key(ref) -> str:
-    return str(ref) if not isinstance(ref, (bytes, dict)) else f"bytes:{hash(bytes(ref['bytes']) if isinstance(ref, dict) else ref)}"
+    """The pretokenize-cache key of an image: its path, or ``sha1:<digest>`` of encoded bytes (the same in every
+    process, unlike ``hash``)."""
+    if isinstance(ref, dict):
+        ref = ref.get("bytes") or ref.get("path")
+    if isinstance(ref, (bytes, bytearray)):
+        return "sha1:" + hashlib.sha1(ref).hexdigest()
+    return str(ref)
 
 
 def open_image(ref) -> Image.Image:
@@ -26,37 +33,51 @@ def open_image(ref) -> Image.Image:
         img.load()
         return img.convert("RGB")
     except FileNotFoundError:
-        raise BadSample("missing_image", f"{ref}: image file not found") from None
+        raise BadSample("missing_image", f"{_short(ref)}: image file not found") from None
     except (OSError, UnidentifiedImageError) as e:
-        raise BadSample("corrupt_image", f"{ref}: unreadable image ({e})") from None
+        raise BadSample("corrupt_image", f"{_short(ref)}: unreadable image ({e})") from None
 
 
 class ImageFeatures:
-    """``get(ref) -> (semantic (N, D) float, pixel_codes (C, P) long)``."""
+    """``get(ref) -> (semantic (N, D) float, pixel_codes (C, P) long)``.
+
+    The pretokenize cache is read lazily: only its ``key`` column is indexed at start, a row is read from the
+    memory-mapped Arrow table when first asked for. Online results are kept in memory."""
 
     def __init__(self, wintok, cache_dir: str | Path | None = None):
         self.wintok = wintok
         self.memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache = None
+        self.rows: dict[str, int] = {}
         if cache_dir is not None and Path(cache_dir).is_dir():
             self._load_cache(Path(cache_dir))
 
     def _load_cache(self, cache_dir: Path) -> None:
         import datasets
 
-        ds = datasets.load_from_disk(str(cache_dir)).with_format("torch")
-        for row in ds:
-            self.memory[row["key"]] = (row["semantic"].float(), row["pixel_codes"].long())
-        log.info("loaded %d pretokenized images from %s", len(self.memory), cache_dir)
+        self.cache = datasets.load_from_disk(str(cache_dir)).with_format("numpy", columns=["semantic", "pixel_codes"])
+        self.rows = {key: i for i, key in enumerate(self.cache.data.column("key").to_pylist())}
+        log.info("indexed %d pretokenized images in %s", len(self.rows), cache_dir)
 
     def get(self, ref) -> tuple[torch.Tensor, torch.Tensor]:
         key = image_key(ref)
-        if key not in self.memory:
-            if self.wintok is None:
-                raise BadSample("not_pretokenized", f"{ref}: not in the pretokenize cache and online tokenization is off")
-            from tokenizer import preprocess
+        if key in self.memory:
+            return self.memory[key]
+        if key in self.rows:
+            row = self.cache[self.rows[key]]
+            return torch.from_numpy(row["semantic"]).float(), torch.from_numpy(row["pixel_codes"]).long()
+        if self.wintok is None:
+            raise BadSample("not_pretokenized", f"{_short(ref)}: not in the pretokenize cache and online tokenization "
+                                                f"is off")
+        from tokenizer import preprocess
 
-            x = preprocess(open_image(ref), self.wintok.config.image_size)
-            with torch.inference_mode():
-                enc = self.wintok.encode(x)
-            self.memory[key] = (enc.semantic_tokens[0].clone(), enc.pixel_codes[0].clone())
+        device = next(self.wintok.parameters()).device
+        x = preprocess(open_image(ref), self.wintok.config.image_size).to(device)
+        with torch.inference_mode():
+            enc = self.wintok.encode(x)
+        self.memory[key] = (enc.semantic_tokens[0].cpu().clone(), enc.pixel_codes[0].cpu().clone())
         return self.memory[key]
+
+
+def _short(ref) -> str:
+    return image_key(ref) if isinstance(ref, (bytes, bytearray, dict)) else str(ref)

@@ -1,11 +1,26 @@
 """The training data stream: a seeded, weighted mixture of recipe sources, packed into micro-batches, with an
-exact ``state_dict`` for resume and counted skips of bad samples."""
+exact ``state_dict`` for resume and counted skips of bad samples.
+
+Every decision (which task, which source, which record, what goes into which row) is taken in the main process
+from its own seeded RNG and cursors. With ``data.num_workers > 0`` worker processes only do the per-record work —
+tokenizing the record and reading (or computing) its image features — for the records each source will hand out
+next, in that source's order. A sample is a pure function of its record (caption dropout draws from an RNG seeded
+by the record), so the batches, their order and ``state_dict`` are the same with and without workers.
+"""
 
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
+import os
+import queue
 import random
-from collections import defaultdict
+import signal
+import traceback
+import weakref
+from collections import defaultdict, deque
+
+import torch
 
 from unified_mllm.config.recipe import RecipeConfig
 from unified_mllm.config.stage import DataConfig
@@ -15,6 +30,9 @@ from unified_mllm.data.samples import BadSample, SampleBuilder
 from unified_mllm.data.sources import read_source
 
 log = logging.getLogger(__name__)
+
+AHEAD_PER_WORKER = 16
+"""Records built ahead per source and worker."""
 
 
 class DataStream:
@@ -39,43 +57,98 @@ class DataStream:
         self.cursor = {name: 0 for name in self.records}
         self.epoch = {name: 0 for name in self.records}
         self.skipped: dict[str, int] = defaultdict(int)
+        self._orders: dict[tuple[str, int], list[int]] = {}
+        self._pool: _WorkerPool | None = None
+        self._window: dict[str, deque] = defaultdict(deque)  # per source: keys submitted to the workers, in order
 
     # ----------------------------------------------------------------------------------- order
-    def _order(self, name: str) -> list[int]:
-        idx = list(range(len(self.records[name])))
-        random.Random(f"{self.seed}:{name}:{self.epoch[name]}").shuffle(idx)
-        return idx[self.rank::self.world_size] or idx
+    def _order(self, name: str, epoch: int | None = None) -> list[int]:
+        epoch = self.epoch[name] if epoch is None else epoch
+        key = (name, epoch)
+        if key not in self._orders:
+            for old in [k for k in self._orders if k[0] == name and k[1] < epoch - 1]:
+                del self._orders[old]
+            idx = list(range(len(self.records[name])))
+            random.Random(f"{self.seed}:{name}:{epoch}").shuffle(idx)
+            self._orders[key] = idx[self.rank::self.world_size] or idx
+        return self._orders[key]
 
-    def _next_record(self, task: str) -> dict:
+    def _next_record(self, task: str) -> tuple[tuple[str, int, int], dict]:
         names = [n for n, s in self.sources.items() if s.task == task]
         name = self.rng.choices(names, weights=[self.sources[n].weight for n in names])[0]
-        order = self._order(name)
-        if self.cursor[name] >= len(order):
+        if self.cursor[name] >= len(self._order(name)):
             self.epoch[name] += 1
             self.cursor[name] = 0
-            order = self._order(name)
-        rec = self.records[name][order[self.cursor[name]]]
+        key = (name, self.epoch[name], self.cursor[name])
         self.cursor[name] += 1
-        return {**rec, "_epoch": self.epoch[name]}
+        return key, self._record(key)
+
+    def _record(self, key: tuple[str, int, int]) -> dict:
+        name, epoch, pos = key
+        return {**self.records[name][self._order(name, epoch)[pos]], "_epoch": epoch}
+
+    def build(self, rec: dict) -> tuple:
+        """One record → ``("ok", sample, und features, gen codes)`` or ``("bad", reason, message)``; a pure function
+        of the record, run in the main process or in a worker."""
+        rng = random.Random(f"{self.seed}:{rec['source']}:{rec['_epoch']}:{rec['index']}")
+        try:
+            sample = self.builder.build(rec, rng)
+            if len(sample.input_ids) > self.cfg.max_seq_len:
+                raise BadSample("too_long", f"record {rec['index']} of {rec['source']}: {len(sample.input_ids)} "
+                                            f"tokens > data.max_seq_len {self.cfg.max_seq_len}")
+            und = [self.features.get(ref) for ref in sample.und_images]
+            gen = [self.features.get(ref)[1] for ref in sample.gen_images]
+            return "ok", sample, und, gen
+        except BadSample as e:
+            return "bad", e.reason, str(e)
 
     def _next_sample(self, task: str):
         for _ in range(10_000):
-            rec = self._next_record(task)
-            rng = random.Random(f"{self.seed}:{rec['source']}:{rec['_epoch']}:{rec['index']}")
-            try:
-                sample = self.builder.build(rec, rng)
-                if len(sample.input_ids) > self.cfg.max_seq_len:
-                    raise BadSample("too_long", f"record {rec['index']} of {rec['source']}: {len(sample.input_ids)} "
-                                                f"tokens > data.max_seq_len {self.cfg.max_seq_len}")
-                und = [self.features.get(ref) for ref in sample.und_images]
-                gen = [self.features.get(ref)[1] for ref in sample.gen_images]
-                return sample, und, gen
-            except BadSample as e:
-                if self.cfg.on_bad_sample == "error":
-                    raise ValueError(f"{e} (set data.on_bad_sample: skip to skip such samples)") from None
-                self.skipped[f"{rec['source']}/{e.reason}"] += 1
-                log.warning("skipped: %s", e)
+            key, rec = self._next_record(task)
+            result = self.build(rec) if self.cfg.num_workers == 0 else self._from_workers(key, rec)
+            if result[0] == "ok":
+                return result[1:]
+            _, reason, message = result
+            if self.cfg.on_bad_sample == "error":
+                raise ValueError(f"{message} (set data.on_bad_sample: skip to skip such samples)")
+            self.skipped[f"{rec['source']}/{reason}"] += 1
+            log.warning("skipped: %s", message)
         raise ValueError(f"task {task}: 10,000 bad samples in a row; check the recipe's sources")
+
+    # ----------------------------------------------------------------------------------- workers
+    def _from_workers(self, key: tuple[str, int, int], rec: dict) -> tuple:
+        """The result for ``key``, built by a worker; keeps the next records of its source in flight."""
+        if self._pool is None:
+            self._pool = _WorkerPool(self.cfg.num_workers, self.build)
+        name = key[0]
+        window = self._window[name]
+        while window and window[0] < key:  # handed out already and never asked for again
+            self._pool.forget(window.popleft())
+        if not window or window[0] != key:  # first use, or a jump (resume): restart the window here
+            for old in window:
+                self._pool.forget(old)
+            window.clear()
+            self._pool.submit(key, rec)
+            window.append(key)
+        depth = AHEAD_PER_WORKER * self.cfg.num_workers
+        while len(window) <= depth:
+            nxt = self._after(window[-1])
+            self._pool.submit(nxt, self._record(nxt))
+            window.append(nxt)
+        # window[0] == key stays until a later record of the source is asked for: a sample that did not fit into
+        # the batch is put back (``_unread``) and asked for again
+        return self._pool.result(key)
+
+    def _after(self, key: tuple[str, int, int]) -> tuple[str, int, int]:
+        name, epoch, pos = key
+        return (name, epoch, pos + 1) if pos + 1 < len(self._order(name, epoch)) else (name, epoch + 1, 0)
+
+    def close(self) -> None:
+        """Stop the worker processes (also done when the stream is garbage-collected or the program exits)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        self._window.clear()
 
     # ----------------------------------------------------------------------------------- batches
     def __iter__(self):
@@ -119,3 +192,96 @@ class DataStream:
 
     def stats(self) -> dict[str, int]:
         return dict(self.skipped)
+
+
+# --------------------------------------------------------------------------------------------- worker processes
+def _to_numpy(result: tuple) -> tuple:
+    """Tensors cross the process boundary as numpy arrays (plain pickling, no shared-memory file handles)."""
+    if result[0] != "ok":
+        return result
+    _, sample, und, gen = result
+    return "ok", sample, [(s.numpy(), p.numpy()) for s, p in und], [g.numpy() for g in gen]
+
+
+def _from_numpy(result: tuple) -> tuple:
+    if result[0] != "ok":
+        return result
+    _, sample, und, gen = result
+    return "ok", sample, [(torch.from_numpy(s), torch.from_numpy(p)) for s, p in und], [torch.from_numpy(g) for g in gen]
+
+
+def _worker_main(build, tasks, results, parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    torch.set_num_threads(1)
+    results.cancel_join_thread()
+    while True:
+        try:
+            item = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the main process is gone (e.g. SIGKILL): do not linger
+                return
+            continue
+        if item is None:
+            return
+        key, rec = item
+        try:
+            results.put((key, _to_numpy(build(rec))))
+        except Exception:  # a bug, not bad data: the main process raises it with this traceback
+            results.put((key, ("error", traceback.format_exc())))
+
+
+class _WorkerPool:
+    """Processes that run ``build(record)``; results are collected by key, in any order."""
+
+    def __init__(self, num_workers: int, build):
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.procs = [ctx.Process(target=_worker_main, args=(build, self.tasks, self.results, os.getpid()),
+                                  daemon=True, name=f"data-worker-{i}") for i in range(num_workers)]
+        for p in self.procs:
+            p.start()
+        self.live: set = set()
+        self.done: dict = {}
+        self._finalizer = weakref.finalize(self, _stop, self.procs, self.tasks)
+
+    def submit(self, key, rec: dict) -> None:
+        if key not in self.live:
+            self.live.add(key)
+            self.tasks.put((key, rec))
+
+    def forget(self, key) -> None:
+        self.live.discard(key)
+        self.done.pop(key, None)
+
+    def result(self, key) -> tuple:
+        while key not in self.done:
+            try:
+                got, result = self.results.get(timeout=5.0)
+            except queue.Empty:
+                dead = [p for p in self.procs if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"data worker {dead[0].name} exited with code {dead[0].exitcode} (out of "
+                                       f"memory?); set data.num_workers: 0 to load in the main process") from None
+                continue
+            if got in self.live:
+                self.done[got] = result
+        result = self.done[key]
+        if result[0] == "error":
+            raise RuntimeError(f"data worker failed on record {key}:\n{result[1]}")
+        return _from_numpy(result)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _stop(procs: list, tasks) -> None:
+    for _ in procs:
+        try:
+            tasks.put(None)
+        except (OSError, ValueError):
+            break
+    for p in procs:
+        p.join(timeout=2.0)
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=1.0)

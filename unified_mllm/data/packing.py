@@ -8,10 +8,11 @@ from unified_mllm.data.masking import IGNORE
 
 
 def collate(rows: list[list], features, pad_id: int, packing: bool, max_len: int) -> dict:
-    """rows: lists of (Sample, und_feats, gen_codes) packed together → the contract's batch dict."""
+    """rows: lists of (Sample, und_feats, gen_codes) packed together → the contract's batch dict (``records``:
+    (source, record index) of every sample, in order; not a model input)."""
     input_ids, labels, positions, masks = [], [], [], []
     und_sem, und_pix, gen = [], [], []
-    sources, task = [], None
+    sources, records, task = [], [], None
     width = max(sum(len(s.input_ids) for s, *_ in row) for row in rows)  # <= max_len by construction
     for row in rows:
         ids, lab, pos = [], [], []
@@ -23,6 +24,7 @@ def collate(rows: list[list], features, pad_id: int, packing: bool, max_len: int
             und_pix += [u[1] for u in und]
             gen += codes
             sources.append(sample.source)
+            records.append((sample.source, sample.record))
             task = sample.task
         pad = width - len(ids)
         masks.append([1] * len(ids) + [0] * pad)
@@ -33,7 +35,7 @@ def collate(rows: list[list], features, pad_id: int, packing: bool, max_len: int
         positions.append(pos)
     batch = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
              "position_ids": torch.tensor(positions), "attention_mask": None if packing else torch.tensor(masks),
-             "task": task, "sources": sources}
+             "task": task, "sources": sources, "records": records}
     if und_sem:
         batch["und_semantic"] = torch.stack(und_sem)
         batch["und_pixel_codes"] = torch.stack(und_pix)

@@ -3,7 +3,7 @@
     python -m unified_mllm.data.pretokenize --recipe data_recipes/shapeworld_mixed.yaml --wintok runs/quickstart/wintok
 
 Writes ``<root>/<recipe stem>/<wintok hash>/`` (root: the recipe's pretokenize_dir, else runs/pretokenized) with
-columns ``key`` (image path), ``pixel_codes`` (C × P int16) and ``semantic`` (N × D float16). Resumable: finished
+columns ``key`` (image path, or ``sha1:`` of encoded image bytes), ``pixel_codes`` (C × P int16) and ``semantic`` (N × D float16). Resumable: finished
 shards under ``.shards/`` are kept and skipped; unreadable images are counted and logged, never fatal.
 """
 
@@ -59,8 +59,9 @@ def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | 
     out = cache_dir_for(recipe_path, recipe, wintok.identity_hash())
     if out.is_dir():
         return out, {"images": len(datasets.load_from_disk(str(out))), "skipped": 0, "cached": True}
-    refs = sorted({image_key(r["image"]) for s in recipe.sources for r in read_source(s, recipe_path)
-                   if isinstance(r.get("image"), (str, Path))})
+    by_key = {image_key(r["image"]): r["image"] for s in recipe.sources for r in read_source(s, recipe_path)
+              if isinstance(r.get("image"), (str, Path, bytes))}
+    refs = sorted(by_key)
     shards = out.parent / (out.name + ".shards")
     shards.mkdir(parents=True, exist_ok=True)
     known = encoded_elsewhere(out)
@@ -74,16 +75,16 @@ def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | 
         part = refs[start:start + SHARD]
         for b in range(0, len(part), batch_size):
             images, keys = [], []
-            for ref in part[b:b + batch_size]:
-                if ref in known:
-                    rows["key"].append(ref)
-                    rows["pixel_codes"].append(known[ref][0])
-                    rows["semantic"].append(known[ref][1])
+            for key in part[b:b + batch_size]:
+                if key in known:
+                    rows["key"].append(key)
+                    rows["pixel_codes"].append(known[key][0])
+                    rows["semantic"].append(known[key][1])
                     reused += 1
                     continue
                 try:
-                    images.append(open_image(ref))
-                    keys.append(ref)
+                    images.append(open_image(by_key[key]))
+                    keys.append(key)
                 except BadSample as e:
                     skipped += 1
                     print(f"skipped: {e}", file=sys.stderr)

@@ -28,6 +28,8 @@ class Sample:
     """Image references for the <image> slots, in order."""
     gen_images: list = field(default_factory=list)
     """Image references whose codes fill the <image_gen> slots, in order."""
+    record: int | None = None
+    """Index of the record in its source (set by ``SampleBuilder.build``)."""
 
 
 ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -87,6 +89,8 @@ class SampleBuilder:
 
     def build(self, rec: dict, rng: random.Random) -> Sample:
         if rec.get("__malformed__"):
-            raise BadSample("malformed_record", f"{rec['__malformed__']}: not valid JSON")
-        return {"understanding": self.understanding, "generation": self.generation, "text": self.text}[rec["task"]](
+            raise BadSample("malformed_record", str(rec["__malformed__"]))
+        sample = {"understanding": self.understanding, "generation": self.generation, "text": self.text}[rec["task"]](
             rec, rng)
+        sample.record = rec.get("index")
+        return sample

@@ -48,7 +48,7 @@ def _read_json_list(path: Path) -> list:
 def read_source(src: SourceConfig, where: str = "recipe") -> Iterator[dict]:
     path = Path(expand(src.path, f"{where}: sources.{src.name}.path"))
     root = Path(expand(src.image_root, f"{where}: sources.{src.name}.image_root")) if src.image_root else path.parent
-    if src.format not in ("hf_stream",) and not path.exists():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: not found (source {src.name!r} of {where}); fix the path or generate the "
                                 f"data (ShapeWorld: python -m unified_mllm.shapeworld --out DIR)")
     n = 0
@@ -57,16 +57,31 @@ def read_source(src: SourceConfig, where: str = "recipe") -> Iterator[dict]:
             return
         n += 1
         rec = {"source": src.name, "task": src.task, "index": n - 1}
-        if isinstance(raw, dict) and "__malformed__" in raw:
+        if not isinstance(raw, dict):
+            rec["__malformed__"] = f"{path}: record {n - 1} is a {type(raw).__name__}, not an object"
+        elif "__malformed__" in raw:
             rec["__malformed__"] = raw["__malformed__"]
-        if src.format in ("llava_json", "text_json"):
-            rec["conversations"] = raw.get("conversations") if isinstance(raw, dict) else None
-            rec["image"] = _image_path(raw.get("image"), root) if isinstance(raw, dict) else None
-        else:
-            rec["caption"] = raw.get(src.caption_field) if isinstance(raw, dict) else None
-            img = raw.get(src.image_field) if isinstance(raw, dict) else None
-            rec["image"] = img if isinstance(img, (bytes, dict)) else _image_path(img, root)
+        raw = raw if isinstance(raw, dict) else {}
+        if "conversations" in raw or src.format in ("llava_json", "text_json"):
+            rec["conversations"] = raw.get("conversations")
+        if src.format not in ("llava_json", "text_json"):
+            rec["caption"] = raw.get(src.caption_field)
+        rec["image"] = _image_ref(raw.get(src.image_field), root)
         yield rec
+
+
+def _image_ref(value, root: Path):
+    """A path (made absolute against ``root``), encoded bytes, or None. A ``{"bytes", "path"}`` dict (parquet /
+    ``datasets`` Image columns) becomes its bytes when it has them, else its path."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return bytes(value["bytes"])
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value) or None
+    if value is not None and not isinstance(value, (str, Path)):
+        return None  # a value that is no image reference: the sample builder reports the record as malformed
+    return _image_path(value, root)
 
 
 def _records(src: SourceConfig, path: Path) -> Iterator:
@@ -79,20 +94,91 @@ def _records(src: SourceConfig, path: Path) -> Iterator:
                     try:
                         yield json.loads(line)
                     except json.JSONDecodeError:
-                        yield {"__malformed__": f"{path}:{i + 1}"}
+                        yield {"__malformed__": f"{path}:{i + 1}: not valid JSON"}
     elif src.format == "t2i_parquet":
         import pyarrow.parquet as pq
 
         files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+        if not files:
+            raise ValueError(f"{path}: no *.parquet files in this folder (source {src.name!r})")
         for f in files:
-            yield from pq.read_table(f).to_pylist()
+            try:
+                table = pq.read_table(f)
+            except Exception as e:  # pyarrow raises several error types for a damaged file
+                raise ValueError(f"{f}: not a readable parquet file ({type(e).__name__}: {e})") from None
+            _check_columns(src, f, table.column_names)
+            yield from table.to_pylist()
     elif src.format == "hf_disk":
         import datasets
 
-        yield from datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError as e:
+            raise ValueError(f"{path}: not a dataset saved with save_to_disk ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise ValueError(f"{path}: a DatasetDict without a 'train' split (splits: {sorted(ds)}); point the "
+                                 f"source at one split's directory")
+            ds = ds["train"]
+        _check_columns(src, path, ds.column_names)
+        yield from _rows(_undecoded(ds), path)
     elif src.format == "hf_stream":
-        import datasets
-
-        yield from datasets.load_dataset(str(path), split="train", streaming=True)
+        ds = _stream(path)
+        if ds.column_names is not None:  # None when the files' schema is not known before reading
+            _check_columns(src, path, ds.column_names)
+        yield from _rows(_undecoded(ds), path)
     else:
         raise ValueError(f"unknown source format {src.format!r}")
+
+
+def _check_columns(src: SourceConfig, path: Path, columns: list[str]) -> None:
+    """Column formats must hold the configured caption (or conversations) and image columns."""
+    text = "conversations" if src.task != "generation" and "conversations" in columns else src.caption_field
+    for field_name, column in (("caption_field", text), ("image_field", src.image_field)):
+        if column not in columns and not (src.task == "text" and field_name == "image_field"):
+            raise ValueError(f"{path}: no column {column!r} (columns: {', '.join(columns)}); set sources.{src.name}."
+                             f"{field_name} to the right column")
+
+
+STREAM_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
+
+
+def _stream(path: Path):
+    """A local file, or a folder of data files, as a streamed ``datasets.IterableDataset`` (its ``train`` split).
+    Read from local files only: a path that is not on disk never becomes a Hub lookup."""
+    import datasets
+
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in STREAM_BUILDERS and p.is_file())
+    else:
+        files = [path]
+    kinds = {STREAM_BUILDERS.get(p.suffix) for p in files}
+    if not files or None in kinds or len(kinds) > 1:
+        raise ValueError(f"{path}: hf_stream reads one kind of local data file ({', '.join(STREAM_BUILDERS)}); "
+                         f"found {sorted(p.suffix for p in files) or 'no data files'}")
+    return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train", streaming=True)
+
+
+def _rows(ds, path: Path) -> Iterator[dict]:
+    """The dataset's rows; a file that ``datasets`` cannot parse (a streamed JSON file with a broken line fails as a
+    whole) becomes one error naming the path."""
+    it = iter(ds)
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # pyarrow / datasets raise many types for damaged files
+            raise ValueError(f"{path}: cannot read the dataset ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                             f"fix or remove the damaged file (t2i_jsonl skips single broken lines)") from None
+        yield row
+
+
+def _undecoded(ds):
+    """Image columns as ``{"bytes", "path"}`` dicts: decoding happens once, where the image is used."""
+    import datasets
+
+    for name, feature in (ds.features or {}).items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+    return ds

@@ -32,6 +32,10 @@ def build_data(cfg: StageConfig, model, tokenizer, rank: int, world_size: int):
         raise FileNotFoundError(f"{cache}: no pretokenize cache for {cfg.data.recipe} with this WinTok; run "
                                 f"`python -m unified_mllm.data.pretokenize --recipe {cfg.data.recipe} --wintok "
                                 f"{cfg.model.wintok}` or set online_tokenization: true in the recipe")
+    if recipe.online_tokenization and cfg.data.num_workers > 0 and wintok is not None and any(
+            t.is_cuda for t in wintok.parameters()):
+        raise ValueError(f"{cfg.data.recipe}: online tokenization with WinTok on the GPU runs in the main process; set "
+                         f"data.num_workers: 0, or pretokenize the recipe (python -m unified_mllm.data.pretokenize)")
     features = ImageFeatures(wintok if recipe.online_tokenization else None, cache)
     template = resolve_template(cfg.data.template, tokenizer, cfg.stage)
     if any(src.task in ("understanding", "text") for src in recipe.sources):
@@ -44,7 +48,7 @@ def build_data(cfg: StageConfig, model, tokenizer, rank: int, world_size: int):
 
 
 def model_inputs(batch: dict, device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "records"}
 
 
 def export(trainer) -> Path:

@@ -125,25 +125,31 @@ class StageTrainer:
         cfg = self.cfg
         if self.resumed_from:
             self.logger.message(f"resumed from {self.resumed_from} at step {self.step}")
-        self.logger.message(f"stage {cfg.stage}: {self.trainables.describe()}; ZeRO-{zero_stage(self.ds_config)}, "
-                            f"{self.precision}, {self.world_size} process(es)")
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # under the ZeRO wrapper
+        offload = self.ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none")
+        self.logger.message(f"stage {cfg.stage}: {self.trainables.describe()}; ZeRO-{zero_stage(self.ds_config)}"
+                            f"{', optimizer offload ' + offload if offload not in ('none', None) else ''}, "
+                            f"{type(inner).__name__}, {self.precision}, {self.world_size} process(es)")
         data_iter = iter(self.loader)
         window_tokens, window_start = 0.0, time.time()
-        while self.step < cfg.optim.max_steps:
-            metrics = self.train_step(data_iter)
-            window_tokens += metrics["tokens"]
-            if self.step % cfg.logging.log_every == 0 or self.step == cfg.optim.max_steps:
-                elapsed = max(time.time() - window_start, 1e-9)
-                tokens_per_s = all_reduce_sum(window_tokens) / elapsed
-                record = {"loss": metrics["loss"], f"loss/{metrics['task']}": metrics["loss"],
-                          "text_loss": metrics["text_loss"], "image_loss": metrics["image_loss"],
-                          "lr": self.engine.get_lr()[0], "tokens_per_s": tokens_per_s}
-                record.update({f"skipped/{k}": v for k, v in self.loader.stats().items()})
-                self.logger.log(self.step, record)
-                self.logger.progress(self.step, {"loss": metrics["loss"], "tok/s": round(tokens_per_s)})
-                window_tokens, window_start = 0.0, time.time()
-            if self.step % cfg.checkpoint.save_every == 0 and self.step < cfg.optim.max_steps:
-                self.save()
+        try:
+            while self.step < cfg.optim.max_steps:
+                metrics = self.train_step(data_iter)
+                window_tokens += metrics["tokens"]
+                if self.step % cfg.logging.log_every == 0 or self.step == cfg.optim.max_steps:
+                    elapsed = max(time.time() - window_start, 1e-9)
+                    tokens_per_s = all_reduce_sum(window_tokens) / elapsed
+                    record = {"loss": metrics["loss"], f"loss/{metrics['task']}": metrics["loss"],
+                              "text_loss": metrics["text_loss"], "image_loss": metrics["image_loss"],
+                              "lr": self.engine.get_lr()[0], "tokens_per_s": tokens_per_s}
+                    record.update({f"skipped/{k}": v for k, v in self.loader.stats().items()})
+                    self.logger.log(self.step, record)
+                    self.logger.progress(self.step, {"loss": metrics["loss"], "tok/s": round(tokens_per_s)})
+                    window_tokens, window_start = 0.0, time.time()
+                if self.step % cfg.checkpoint.save_every == 0 and self.step < cfg.optim.max_steps:
+                    self.save()
+        finally:
+            self.loader.close()  # data worker processes, if any
         self.save()
         export_dir = build.export(self)
         self.logger.message(f"stage {cfg.stage} finished at step {self.step}; exported to {export_dir}")
