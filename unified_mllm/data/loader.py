@@ -39,12 +39,18 @@ class DataStream:
         self.cursor = {name: 0 for name in self.records}
         self.epoch = {name: 0 for name in self.records}
         self.skipped: dict[str, int] = defaultdict(int)
+        self._orders: dict[tuple[str, int], list[int]] = {}
 
     # ----------------------------------------------------------------------------------- order
     def _order(self, name: str) -> list[int]:
-        idx = list(range(len(self.records[name])))
-        random.Random(f"{self.seed}:{name}:{self.epoch[name]}").shuffle(idx)
-        return idx[self.rank::self.world_size] or idx
+        """This rank's record order of source ``name`` in its current epoch (shuffled once per epoch, not per read)."""
+        key = (name, self.epoch[name])
+        if key not in self._orders:
+            idx = list(range(len(self.records[name])))
+            random.Random(f"{self.seed}:{name}:{self.epoch[name]}").shuffle(idx)
+            self._orders = {k: v for k, v in self._orders.items() if k[0] != name}  # keep one epoch per source
+            self._orders[key] = idx[self.rank::self.world_size] or idx
+        return self._orders[key]
 
     def _next_record(self, task: str) -> dict:
         names = [n for n, s in self.sources.items() if s.task == task]
