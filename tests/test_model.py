@@ -40,9 +40,9 @@ def make_assets(root: Path) -> Path:
     return root
 
 
-def build(assets: Path, arch: str = "qwen2", **model_overrides):
+def build(assets: Path, arch: str = "qwen2", attn: str = "sdpa", **model_overrides):
     torch.manual_seed(0)
-    section = {"llm": {"arch": ARCHS[arch], "text_tokenizer": str(assets / "tok"), "attn_implementation": "sdpa"},
+    section = {"llm": {"arch": ARCHS[arch], "text_tokenizer": str(assets / "tok"), "attn_implementation": attn},
                "wintok": str(assets / "wt"), **model_overrides}
     model, tok, new_ids = build_model(load_config(ModelConfig, section), CFGDropConfig())
     return model.eval(), tok, new_ids
@@ -86,8 +86,9 @@ def test_vision_off_logits_equal_the_bare_llm(assets: Path, arch: str) -> None:
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 @pytest.mark.parametrize("head", ["depth", "parallel"])
-def test_packed_losses_equal_samples_alone(assets: Path, arch: str, head: str) -> None:
-    model, tok, _ = build(assets, arch, generation={"head": head, "embedding": "sum", "depth_layers": 1})
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa_packed"])
+def test_packed_losses_equal_samples_alone(assets: Path, arch: str, head: str, attn: str) -> None:
+    model, tok, _ = build(assets, arch, attn, generation={"head": head, "embedding": "sum", "depth_layers": 1})
     (ua, la), (ga, lg) = understanding_sample(model, tok), generation_sample(model, tok)
     sem, codes = vision_inputs(model, 1, 1)
     with torch.no_grad():
@@ -103,6 +104,43 @@ def test_packed_losses_equal_samples_alone(assets: Path, arch: str, head: str) -
     torch.testing.assert_close(packed.per_token_text_loss[0, n:], alone_g.per_token_text_loss[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(packed.per_slot_image_loss, alone_g.per_slot_image_loss, atol=1e-5, rtol=0)
     assert packed.num_image_tokens == alone_g.num_image_tokens > 0
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_sdpa_packed_equals_sdpa(assets: Path, arch: str) -> None:
+    """Packed rows of many lengths (several length groups, padding at the row ends): same losses and gradients as
+    plain sdpa with its dense mask; padded batches and cached generation take the plain path and agree too."""
+    plain, tok, _ = build(assets, arch, "sdpa")
+    packed, _, _ = build(assets, arch, "sdpa_packed")
+    assert packed.llm.config._attn_implementation == "sdpa_packed"
+    g = torch.Generator().manual_seed(3)
+    vocab, pad = 12, plain.config.special_ids["pad_id"]
+    rows = [[5, 17, 9, 30], [41, 3, 12], [8, 8, 22, 16, 2]]  # document lengths per row (3..41 tokens: 5 groups)
+    width = max(sum(r) for r in rows)
+    ids = torch.full((3, width), pad)
+    pos = torch.zeros(3, width, dtype=torch.long)
+    for i, lens in enumerate(rows):
+        pos[i] = torch.cat([torch.arange(n) for n in lens] + [torch.arange(lens[-1], lens[-1] + width - sum(lens))])
+        ids[i, : sum(lens)] = torch.randint(3, vocab, (sum(lens),), generator=g)
+    labels = torch.where(ids == pad, -100, ids)
+    losses, grads = [], []
+    for model in (plain, packed):
+        model.train()
+        out = model(ids, labels, position_ids=pos, return_per_token=True)
+        out.loss.backward()
+        losses.append(out.per_token_text_loss)
+        grads.append([p.grad for p in model.llm.parameters()])
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    mask = (torch.arange(width)[None] < torch.tensor([[20], [width], [9]])).long()  # padded batch: the plain path
+    with torch.no_grad():
+        a = plain.eval()(ids, labels, attention_mask=mask, return_logits=True)
+        b = packed.eval()(ids, labels, attention_mask=mask, return_logits=True)
+    torch.testing.assert_close(a.logits * mask[..., None], b.logits * mask[..., None], atol=1e-5, rtol=1e-5)
+    prompt = ids[:1, :7]
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": pad}
+    assert torch.equal(plain.llm.generate(prompt, **kw), packed.llm.generate(prompt, **kw))
 
 
 def test_image_slot_mismatch_raises(assets: Path) -> None:
@@ -151,8 +189,8 @@ def test_save_load_identical_outputs(assets: Path, tmp_path: Path, embedding: st
     sem, codes = vision_inputs(model, 1, 1)
     pix = torch.randint(0, v.codebook_size, (1, v.num_codebooks, v.num_positions))
     with torch.no_grad():
-        a = model(ids, labels, und_semantic=sem, und_pixel_codes=pix, gen_codes=codes)
-        b = again(ids, labels, und_semantic=sem, und_pixel_codes=pix, gen_codes=codes)
+        a = model(ids, labels, und_semantic=sem, und_pixel_codes=pix, gen_codes=codes, return_logits=True)
+        b = again(ids, labels, und_semantic=sem, und_pixel_codes=pix, gen_codes=codes, return_logits=True)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
 
 

@@ -23,8 +23,9 @@ class LLMConfig:
     """With `path` null: a transformers config for random init, e.g. {model_type: qwen2, hidden_size: 256, ...}."""
     text_tokenizer: str | None = None
     """Directory (or SentencePiece .model file) of the text tokenizer. Null: the one saved beside `path`."""
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
-    """Attention kernel. auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
+    attn_implementation: Literal["auto", "sdpa_packed", "sdpa", "flash_attention_2", "eager"] = "auto"
+    """Attention kernel. auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa_packed (PyTorch sdpa
+    per packed sample, without the dense packed mask that plain sdpa computes in full)."""
 
     def __post_init__(self) -> None:
         check(self.path is not None or bool(self.arch), "path", "set a local model path or an `arch` for random init")

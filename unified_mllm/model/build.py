@@ -14,6 +14,11 @@ from unified_mllm.tokens import add_special_tokens
 
 
 def select_attn_implementation(requested: str) -> str:
+    """auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa_packed (sdpa without the dense
+    packed-sequence mask, see packed_attention.py)."""
+    from unified_mllm.model.packed_attention import register
+
+    register()
     if requested != "auto":
         if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise ValueError("model.llm.attn_implementation: flash_attention_2 needs the flash-attn package "
@@ -21,7 +26,7 @@ def select_attn_implementation(requested: str) -> str:
         return requested
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return "sdpa_packed"
 
 
 def load_text_tokenizer(model_cfg: ModelConfig):

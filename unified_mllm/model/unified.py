@@ -26,7 +26,8 @@ class UnifiedOutput:
     num_text_tokens: int
     num_image_tokens: int
     logits: torch.Tensor | None = None
-    """(B, L, V) text logits."""
+    """(B, L, V) text logits: without labels, or with return_logits (training computes them at labelled positions
+    only)."""
     per_token_text_loss: torch.Tensor | None = None
     """(B, L−1) loss of predicting token t+1 at t (0 where unlabelled), with return_per_token."""
     per_slot_image_loss: torch.Tensor | None = None
@@ -82,21 +83,26 @@ class UnifiedMLLM(nn.Module):
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 und_semantic: torch.Tensor | None = None, und_pixel_codes: torch.Tensor | None = None,
                 gen_codes: torch.Tensor | None = None, task: str | None = None, sources: list[str] | None = None,
-                touch_unused: bool = False, return_per_token: bool = False) -> UnifiedOutput:
+                touch_unused: bool = False, return_per_token: bool = False,
+                return_logits: bool = False) -> UnifiedOutput:
         embeds = self.embed_inputs(input_ids, und_semantic, und_pixel_codes, gen_codes)
-        out = self.llm(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
-                       use_cache=False, output_hidden_states=True)
-        logits, hidden = out.logits, out.hidden_states[-1]  # (B, L, V), (B, L, H)
-        zero = logits.sum() * 0.0
+        # the decoder and the LM head separately: training needs logits only where a text label is
+        hidden = self.llm.get_decoder()(inputs_embeds=embeds, position_ids=position_ids,
+                                        attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, L, H)
+        lm_head = self.llm.get_output_embeddings()
+        logits = lm_head(hidden) if labels is None or return_logits else None  # (B, L, V)
+        zero = hidden.sum() * 0.0
         # text: predict token t+1 at t
         text_loss, per_token, n_text = zero, None, 0
         if labels is not None:
             shift_labels = labels[:, 1:]
-            token_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shift_labels.clamp_min(0),
-                                         reduction="none") * (shift_labels != -100)  # (B, L-1)
-            n_text = int((shift_labels != -100).sum())
-            text_loss = token_loss.sum() / max(n_text, 1) if n_text else zero
-            per_token = token_loss
+            keep = shift_labels != -100  # (B, L-1)
+            picked = logits[:, :-1][keep] if logits is not None else lm_head(hidden[:, :-1][keep])  # (T, V)
+            token_loss = F.cross_entropy(picked.float(), shift_labels[keep], reduction="none")  # (T,)
+            n_text = token_loss.shape[0]
+            text_loss = token_loss.sum() / n_text if n_text else zero
+            per_token = torch.zeros(keep.shape, dtype=token_loss.dtype, device=keep.device).masked_scatter(
+                keep, token_loss) if return_per_token else None
         # image: the hidden state before each <image_gen> slot predicts that slot's sub-codes
         image_loss, per_slot, n_slots = zero, None, 0
         if gen_codes is not None and gen_codes.numel():

@@ -38,6 +38,7 @@ class StageTrainer:
         self.ds_config = build_ds_config(cfg.deepspeed, cfg.optim, self.world_size)
         self.precision = resolve_precision(cfg.deepspeed)
         self.model, self.tokenizer, self.new_token_ids = build.build_model(cfg, self.ds_config)
+        self.pad_id = self.model.config.special_ids["pad_id"]
         self.trainables = apply_trainables(self.model, cfg.train, self.new_token_ids)
         if cfg.deepspeed.gradient_checkpointing:
             self.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -114,8 +115,7 @@ class StageTrainer:
             totals["loss"] += float(out.loss.detach())
             totals["text_loss"] += float(out.text_loss.detach())
             totals["image_loss"] += float(out.image_loss.detach())
-            totals["tokens"] += float(batch["input_ids"].numel() if batch.get("attention_mask") is None
-                                      else batch["attention_mask"].sum())
+            totals["tokens"] += float((batch["input_ids"] != self.pad_id).sum())  # real tokens: packed rows pad too
         self.step += 1
         n = self.cfg.optim.grad_accum
         return {"loss": totals["loss"] / n, "text_loss": totals["text_loss"] / n,
