@@ -5,5 +5,5 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-bash scripts/setup_env.sh dev
+bash scripts/setup_env.sh dev,eval
 exec "${UMLLM_VENV:-$ROOT/.venv}/bin/python" -m unified_mllm.quickstart "$@"

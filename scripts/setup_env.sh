@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment and install the project into it.
-#   bash scripts/setup_env.sh [EXTRAS]      e.g. EXTRAS=dev  or  dev,demo
+#   bash scripts/setup_env.sh [EXTRAS]      e.g. EXTRAS=dev  or  dev,eval,demo
+# The eval extra installs lmms-eval with --no-deps plus scripts/requirements-eval.txt (its own pins would swap torch).
 # Idempotent: a stamp of pyproject.toml + extras + torch lets a second run return in seconds.
 # Torch safety: an existing torch (e.g. the user's CUDA build) is never replaced; with none, torch==2.13.0
 # is installed first, and every later install runs under a constraints file pinning the installed torch.
@@ -56,8 +57,10 @@ echo "[setup] installing $spec"
 if [ "$want_eval" = 1 ]; then
   # lmms-eval depends on torchvision, which pins its own torch: install it without deps, then its needs.
   echo "[setup] installing lmms-eval (--no-deps) and scripts/requirements-eval.txt"
-  "$PY" -m pip install --disable-pip-version-check -q --no-deps "lmms-eval>=0.7"
+  "$PY" -m pip install --disable-pip-version-check -q --no-deps "lmms-eval>=0.7.3,<0.8"
   "$PY" -m pip install --disable-pip-version-check -q -r "$ROOT/scripts/requirements-eval.txt"
+  "$PY" -c "import lmms_eval.evaluator, lmms_eval.tasks, eval.lmms_plugin" \
+    || { echo "[setup] lmms-eval installed but does not import; see scripts/requirements-eval.txt"; exit 1; }
 fi
 "$PY" -c "import torch, unified_mllm, tokenizer" || { echo "[setup] install finished but imports fail"; exit 1; }
 echo "$stamp" > "$STAMP_FILE"

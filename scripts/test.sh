@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Run the test suite: creates or reuses .venv, installs the project with the dev and demo extras, runs pytest and ruff.
+# Run the test suite: creates or reuses .venv, installs the project with the dev, demo and eval extras (gradio for
+# the web demo, lmms-eval for tests/test_eval.py), runs ruff and pytest.
 #   bash scripts/test.sh [pytest args...]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-bash scripts/setup_env.sh dev,demo
+bash scripts/setup_env.sh dev,demo,eval
 # The web-demo test drives a real headless Chromium; without one it is skipped (UMLLM_REQUIRE_BROWSER=1 makes that
 # a failure). UMLLM_INSTALL_BROWSER=1 installs Debian's chromium package first (needs root and apt-get).
 if [ "${UMLLM_INSTALL_BROWSER:-0}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
