@@ -214,3 +214,22 @@ def test_parity_with_the_original_code() -> None:
         torch.testing.assert_close(model._decode(enc.quant), data["recon"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model._decode(model.codes_to_quant(data["indices"])), data["recon_from_indices"],
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_optional_refinement_adds_keys_only_when_on(images: torch.Tensor, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    plain = WinTok(WinTokConfig.tiny(num_layers=1)).eval()
+    refined = WinTok(WinTokConfig.tiny(num_layers=1, refine_channels=8)).eval()
+    extra = sorted(set(refined.state_dict()) - set(plain.state_dict()))
+    assert extra and all(k.startswith("refine.") for k in extra) and not set(plain.state_dict()) - set(refined.state_dict())
+    refined.load_state_dict(plain.state_dict(), strict=False)
+    with torch.inference_mode():  # a fresh refinement is the identity (its last conv starts at zero)
+        codes = plain.encode(images).pixel_codes
+        assert torch.equal(plain.decode_codes(codes), refined.decode_codes(codes))
+        refined.refine.net[-1].bias.fill_(0.1)
+        assert not torch.equal(plain.decode_codes(codes), refined.decode_codes(codes))
+    refined.save_pretrained(tmp_path / "r")
+    assert WinTok.from_pretrained(tmp_path / "r").identity_hash() == refined.identity_hash()
+    torch.save(refined.state_dict(), tmp_path / "bare.pth")
+    assert infer_config(refined.state_dict(), num_heads=4, decoder_num_heads=4).refine_channels == 8
+    assert WinTok.from_checkpoint(tmp_path / "bare.pth", num_heads=4, decoder_num_heads=4).config == refined.config
