@@ -106,3 +106,93 @@ def test_teacher_cli_trains_and_loads(shapeworld: Path, tmp_path: Path) -> None:
     teacher = load_teacher("shapeworld", str(tmp_path / "t"))
     assert teacher(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+# ------------------------------------------------------------------------------------------ LPIPS, GAN, EMA, caches
+def write_lpips_files(folder: Path) -> tuple[Path, Path]:
+    """Random weights in the two published formats: torchvision vgg16 and lpips' weights/v0.1/vgg.pth."""
+    from tokenizer.lpips import CHANNELS, _vgg16_features
+
+    torch.manual_seed(0)
+    vgg = {f"features.{k}": v for k, v in _vgg16_features().state_dict().items()}
+    vgg["classifier.0.weight"] = torch.zeros(4, 4)  # torchvision files carry the classifier too: ignored
+    lin = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(CHANNELS)}
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(vgg, folder / "vgg16.pth")
+    torch.save(lin, folder / "vgg.pth")
+    return folder / "vgg16.pth", folder / "vgg.pth"
+
+
+def test_lpips_loads_local_files_and_measures(tmp_path: Path) -> None:
+    from tokenizer.lpips import LPIPSError, lpips_from_paths
+
+    vgg, lin = write_lpips_files(tmp_path)
+    assert lpips_from_paths(None, None) is None
+    model = lpips_from_paths(str(vgg), str(lin))
+    torch.manual_seed(1)
+    a = torch.rand(2, 3, 32, 32) * 2 - 1
+    b = (a + 0.3 * torch.randn_like(a)).clamp(-1, 1)
+    assert torch.equal(model(a, a), torch.zeros(2))
+    far, near = model(a, b), model(a, (a + 0.05 * torch.randn_like(a)).clamp(-1, 1))
+    assert (far > 0).all() and (far > near).all()
+    torch.save({"lin0.model.1.weight": torch.rand(1, 3, 1, 1)}, tmp_path / "bad.pth")
+    with pytest.raises(LPIPSError, match=r"bad\.pth.*lin0\.model\.1\.weight"):
+        lpips_from_paths(str(vgg), str(tmp_path / "bad.pth"))
+    with pytest.raises(LPIPSError, match="both"):
+        lpips_from_paths(str(vgg), None)
+    with pytest.raises(LPIPSError, match="nowhere.pth.*not found"):
+        lpips_from_paths(str(tmp_path / "nowhere.pth"), str(lin))
+
+
+def test_gan_lpips_ema_train_and_evaluate(shapeworld: Path, tmp_path: Path) -> None:
+    """Two steps with LPIPS, the GAN (from step 0) and EMA: the discriminator changes between the step-1 and
+    step-2 checkpoints, the export holds the EMA weights, and the eval reports LPIPS."""
+    from safetensors.torch import load_file
+
+    vgg, lin = write_lpips_files(tmp_path / "lpips")
+    out = tmp_path / "run"
+    res = train(out, shapeworld, 2, "checkpoint.save_every=1", "checkpoint.keep_last=2", "loss.gan=0.5",
+                "loss.gan_disc_channels=8", "loss.gan_disc_layers=2", f"loss.lpips_vgg16={vgg}",
+                f"loss.lpips_linear={lin}", "model.ema_decay=0.9", "model.init=wintok")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "LPIPS-VGG on" in res.stdout + res.stderr and "GAN on" in res.stdout + res.stderr
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss/perceptual"] > 0 and "loss/gan_d" in r and r["gan/adaptive_weight"] >= 0 for r in rows)
+    states = [torch.load(out / "checkpoints" / f"step_{s:08d}" / "trainer_rank0.pt", weights_only=True)
+              for s in (1, 2)]
+    assert any(not torch.equal(states[0]["disc"][k], states[1]["disc"][k]) for k in states[1]["disc"])
+    exported = load_file(str(out / "export" / "model.safetensors"))
+    assert all(torch.equal(exported[k], states[1]["ema"][k]) for k in exported)
+    assert "lpips_vgg" in json.loads((out / "eval.json").read_text())
+
+
+def test_lpips_off_is_stated_in_the_log(shapeworld: Path, tmp_path: Path) -> None:
+    res = train(tmp_path / "run", shapeworld, 1, "data.eval_images=null")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "LPIPS off" in res.stdout + res.stderr and "GAN off" in res.stdout + res.stderr
+
+
+def test_image_cache_returns_the_same_pixels(shapeworld: Path) -> None:
+    from tokenizer.data import ImageStream, list_images
+
+    files = list_images(shapeworld / "images" / "train")[:6]
+    plain = ImageStream(files, 32, 6, seed=0)
+    cached = ImageStream(files, 32, 6, seed=0, cache=True)
+    for _ in range(3):  # epoch 0 fills the cache, epochs 1-2 read it
+        assert torch.equal(next(plain), next(cached))
+        assert sorted(cached.last_indices) == list(range(6))
+    assert len(cached.cache) == 6
+    assert ImageStream(files, 32, 6, seed=0, random_crop=True, cache=True).cache is None  # crops differ per epoch
+
+
+def test_wintok_init_matches_the_released_recipe() -> None:
+    from tokenizer.training import apply_wintok_init
+
+    torch.manual_seed(0)
+    model = apply_wintok_init(WinTok(WinTokConfig.tiny(num_layers=1, num_semantic_tokens=64)))
+    c = model.config
+    assert 0.9 < float(model.query_tokens.detach().std()) < 1.1
+    assert torch.allclose(model.query_tokens_pos_embed[0, : c.hidden_size // 2], torch.zeros(c.hidden_size // 2))
+    bound = c.codebook_dim**-0.5 / 36
+    assert all(float(b.codebook.weight.abs().max()) <= bound for b in model.quantizer.codebooks)
+    assert float(model.decoder.vision_model.encoder.layers[0].mlp.fc1.weight.detach().std()) < 0.03

@@ -66,5 +66,6 @@ class AttnProjection(nn.Module):
         self.mlp = GeGLU(out_dim, 2 * out_dim, eps=mlp_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.proj.weight.dtype)  # WinTok feeds fp32 (its quantizer runs in fp32) into a possibly bf16 copy
         y = self.proj(self.norm3(x)) + self.attn(self.norm1(x))  # (B, L, out)
         return y + self.mlp(self.norm2(y))

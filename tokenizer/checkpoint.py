@@ -97,7 +97,8 @@ def infer_config(sd: dict[str, torch.Tensor], **overrides: Any) -> WinTokConfig:
         num_codebooks=num_codebooks, codebook_size=codebook_size, codebook_dim=codebook_dim,
         proj_heads=num_codebooks, decoder_hidden_size=dec_hidden,
         decoder_num_layers=count_layers("decoder.vision_model.encoder.layers."),
-        decoder_mlp_dim=shape("decoder.vision_model.encoder.layers.0.mlp.fc1.weight")[0])
+        decoder_mlp_dim=shape("decoder.vision_model.encoder.layers.0.mlp.fc1.weight")[0],
+        refine_channels=shape("refine.net.0.weight")[0] if "refine.net.0.weight" in sd else 0)
     released = WinTokConfig()
     values.setdefault("num_heads", released.num_heads if hidden % released.num_heads == 0 else 1)
     values.setdefault("decoder_num_heads", released.decoder_num_heads if dec_hidden % released.decoder_num_heads == 0 else 1)

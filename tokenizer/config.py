@@ -47,6 +47,9 @@ class WinTokConfig:
     """LayerNorm epsilon of the SigLIP trunks, fc_norm and the GeGLU norm."""
     hidden_act: str = "gelu_pytorch_tanh"
     """Activation of the SigLIP trunks."""
+    refine_channels: int = 0
+    """Width of an optional residual 3×3-conv refinement of the pixel-shuffled image before `conv_out` (not in the
+    released model; 0: none, and the checkpoint layout is exactly the released one)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes carried with the config (e.g. where a checkpoint came from)."""
 
@@ -59,6 +62,7 @@ class WinTokConfig:
             (max(self.hidden_size, self.quant_dim) % self.proj_heads == 0,
              "max(hidden_size, num_codebooks*codebook_dim) must be divisible by proj_heads"),
             (self.num_semantic_tokens >= 1, "num_semantic_tokens must be >= 1"),
+            (self.refine_channels >= 0, "refine_channels must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -37,15 +37,19 @@ def random_resized_crop(img: Image.Image, size: int, rng: random.Random, scale=(
 class ImageStream:
     """Endless batches from an image list: a seeded permutation per epoch, rank r takes every world-th item.
 
-    ``state_dict()`` is (epoch, position); restoring it continues with exactly the next batch.
+    ``state_dict()`` is (epoch, position); restoring it continues with exactly the next batch. ``last_indices``
+    holds the file indices of the batch just returned (for per-image caches such as teacher embeddings).
+    ``cache=True`` (only without random crops) keeps each decoded image as uint8 after its first read.
     """
 
     def __init__(self, files: list[Path], size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 random_crop: bool = False, on_bad_sample: str = "skip"):
+                 random_crop: bool = False, on_bad_sample: str = "skip", cache: bool = False):
         self.files, self.size, self.batch_size, self.seed = files, size, batch_size, seed
         self.rank, self.world_size, self.random_crop, self.on_bad_sample = rank, world_size, random_crop, on_bad_sample
         self.epoch, self.position = 0, 0
         self.skipped: dict[str, int] = {}
+        self.cache: dict[int, torch.Tensor] | None = {} if cache and not random_crop else None
+        self.last_indices: list[int] = []
 
     def _order(self) -> list[int]:
         idx = list(range(len(self.files)))
@@ -69,8 +73,17 @@ class ImageStream:
     def __iter__(self):
         return self
 
+    def _get(self, i: int) -> torch.Tensor | None:
+        if self.cache is not None and i in self.cache:
+            return self.cache[i].float() / 127.5 - 1.0
+        x = self._load(self.files[i], random.Random(f"{self.seed}:{self.epoch}:{i}"))
+        if x is not None and self.cache is not None:
+            self.cache[i] = ((x + 1.0) * 127.5).round().to(torch.uint8)  # exact: decoded pixels are uint8
+        return x
+
     def __next__(self) -> torch.Tensor:
         batch: list[torch.Tensor] = []
+        self.last_indices = []
         while len(batch) < self.batch_size:
             order = self._order()
             if self.position >= len(order):
@@ -78,9 +91,10 @@ class ImageStream:
                 continue
             i = order[self.position]
             self.position += 1
-            x = self._load(self.files[i], random.Random(f"{self.seed}:{self.epoch}:{i}"))
+            x = self._get(i)
             if x is not None:
                 batch.append(x)
+                self.last_indices.append(i)
         return torch.stack(batch)
 
     def state_dict(self) -> dict:

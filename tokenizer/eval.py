@@ -1,9 +1,10 @@
 """Reconstruction evaluation of a WinTok checkpoint over an image folder (ImageNet-val / COCO-val2017 layouts or
-any folder): PSNR, SSIM, codebook usage and perplexity, rFID (with Inception weights given by local path), and the
-ShapeWorld judge's agreement; a JSON result and a PNG of originals above reconstructions.
+any folder): PSNR, SSIM, codebook usage and perplexity, LPIPS-VGG and rFID (with their weights given by local path),
+and the ShapeWorld judge's agreement; a JSON result and a PNG of originals above reconstructions.
 
     python -m tokenizer.eval --checkpoint DIR_OR_PTH --images DIR [--max-images N] [--out eval.json]
         [--grid recon.png] [--inception-torchscript pt_inception-2015-12-05.pt] [--shapeworld-judge]
+        [--lpips-vgg16 vgg16.pth --lpips-linear vgg.pth]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from PIL import Image
 
 from tokenizer.checkpoint import WinTokLoadError
 from tokenizer.data import list_images
+from tokenizer.lpips import LPIPSError, lpips_from_paths
 from tokenizer.model import WinTok
 from tokenizer.preprocess import preprocess, to_pil
 
@@ -77,12 +79,13 @@ def judge_agrees(original: Image.Image, reconstruction: Image.Image, tolerance: 
 
 @torch.inference_mode()
 def evaluate(model: WinTok, images: str | Path, max_images: int | None = None, batch_size: int = 32,
-             grid_path: str | Path | None = None, inception: str | None = None, shapeworld_judge: bool = True) -> dict:
+             grid_path: str | Path | None = None, inception: str | None = None, shapeworld_judge: bool = True,
+             perceptual: torch.nn.Module | None = None) -> dict:
     files = list_images(images, max_images)
     c = model.config
     size = c.image_size
     counts = torch.zeros(c.num_codebooks, c.codebook_size)
-    psnrs, ssims, agree, grid = [], [], [], []
+    psnrs, ssims, lpips, agree, grid = [], [], [], [], []
     feats_real, feats_fake = [], []
     extractor = torch.jit.load(inception, map_location="cpu").eval() if inception else None
     for start in range(0, len(files), batch_size):
@@ -94,6 +97,8 @@ def evaluate(model: WinTok, images: str | Path, max_images: int | None = None, b
             counts[i] += torch.bincount(enc.pixel_codes[:, i].flatten(), minlength=c.codebook_size).float()
         psnrs.append(psnr_uint8(x, y))
         ssims.append(ssim_uint8(x, y))
+        if perceptual is not None:
+            lpips.append(perceptual(x, y).float().cpu())
         originals, recons = to_pil(x), to_pil(y)
         if shapeworld_judge:
             agree += [judge_agrees(o, r) for o, r in zip(originals, recons)]
@@ -115,6 +120,8 @@ def evaluate(model: WinTok, images: str | Path, max_images: int | None = None, b
         "codebook_perplexity": float(torch.exp(entropy).mean()),
         "codebook_size": c.codebook_size,
     }
+    if perceptual is not None:
+        result["lpips_vgg"] = float(torch.cat(lpips).mean())
     if shapeworld_judge:
         result["shapeworld_judge_agreement"] = float(np.mean(agree))
     if extractor is not None:
@@ -141,12 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inception-torchscript", default=None,
                    help="TorchScript Inception feature extractor (e.g. pt_inception-2015-12-05) for rFID")
     p.add_argument("--shapeworld-judge", action="store_true", help="also report the ShapeWorld judge's agreement")
+    p.add_argument("--lpips-vgg16", default=None, help="torchvision vgg16 state dict (local file) for LPIPS")
+    p.add_argument("--lpips-linear", default=None, help="lpips linear weights (the lpips package's v0.1/vgg.pth)")
     a = p.parse_args(argv)
     try:
         model = WinTok.from_checkpoint(a.checkpoint).freeze()
+        perceptual = lpips_from_paths(a.lpips_vgg16, a.lpips_linear)
         result = evaluate(model, a.images, a.max_images, a.batch_size, a.grid, a.inception_torchscript,
-                          a.shapeworld_judge)
-    except (WinTokLoadError, FileNotFoundError) as e:
+                          a.shapeworld_judge, perceptual)
+    except (WinTokLoadError, LPIPSError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = json.dumps(result, indent=2)

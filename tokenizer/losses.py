@@ -1,4 +1,5 @@
-"""WinTok training losses as the released code weighs them (GAN and LPIPS not included here)."""
+"""WinTok training losses as the released code weighs them; LPIPS when a perceptual model is given, an optional
+edge term; the adversarial term lives in the trainer (it needs the discriminator)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,21 @@ class TokenizerLosses:
     vq: torch.Tensor
     entropy: torch.Tensor
     distill: torch.Tensor
+    edge: torch.Tensor
+    perceptual: torch.Tensor
+    reconstruction: torch.Tensor
+    """The weighted pixel terms (L1, L2, edge, perceptual): what the GAN's adaptive weight is measured against."""
 
     def scalars(self) -> dict[str, float]:
-        return {f"loss/{k}": float(getattr(self, k).detach()) for k in ("total", "l1", "l2", "vq", "entropy", "distill")}
+        names = ("total", "l1", "l2", "vq", "entropy", "distill", "edge", "perceptual")
+        return {f"loss/{k}": float(getattr(self, k).detach()) for k in names}
+
+
+def edge_loss(rec: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """L1 between the horizontal and the vertical neighbour differences of two image batches."""
+    dx = (rec[..., :, 1:] - rec[..., :, :-1]) - (images[..., :, 1:] - images[..., :, :-1])
+    dy = (rec[..., 1:, :] - rec[..., :-1, :]) - (images[..., 1:, :] - images[..., :-1, :])
+    return dx.abs().mean() + dy.abs().mean()
 
 
 def entropy_loss(sim: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -38,17 +51,24 @@ def entropy_loss(sim: torch.Tensor, temperature: float) -> torch.Tensor:
     return (per_sample - codebook).mean()
 
 
-def tokenizer_losses(out: WinTokForwardOutput, images: torch.Tensor, teacher_emb: torch.Tensor | None, weights) -> TokenizerLosses:
+def tokenizer_losses(out: WinTokForwardOutput, images: torch.Tensor, teacher_emb: torch.Tensor | None, weights,
+                     perceptual_model: torch.nn.Module | None = None) -> TokenizerLosses:
     """``weights``: a TokenizerLossConfig. The distillation term touches only the semantic tokens."""
     rec = out.reconstruction.float()
+    zero = rec.new_zeros(())
     l1 = (rec - images).abs().mean()
     l2 = F.mse_loss(rec, images)
+    edge = edge_loss(rec, images) if weights.edge > 0 else zero
+    use_lpips = perceptual_model is not None and weights.perceptual > 0
+    perceptual = perceptual_model(rec, images).mean() if use_lpips else zero
     q = out.quantizer
     vq = weights.commitment_beta * q.commitment_loss + q.codebook_loss
-    ent = entropy_loss(q.logits, weights.entropy_temp) if weights.entropy > 0 else rec.new_zeros(())
+    ent = entropy_loss(q.logits, weights.entropy_temp) if weights.entropy > 0 else zero
     if teacher_emb is not None and weights.distill > 0:
         distill = (1.0 - F.cosine_similarity(out.pooled.float(), teacher_emb.float(), dim=-1)).mean()
     else:
-        distill = rec.new_zeros(())
-    total = weights.l1 * l1 + weights.l2 * l2 + weights.vq * vq + weights.entropy * ent + weights.distill * distill
-    return TokenizerLosses(total, l1, l2, vq, ent, distill)
+        distill = zero
+    recon = weights.l1 * l1 + weights.l2 * l2 + weights.edge * edge + (weights.perceptual * perceptual if use_lpips
+                                                                         else zero)
+    total = recon + weights.vq * vq + weights.entropy * ent + weights.distill * distill
+    return TokenizerLosses(total, l1, l2, vq, ent, distill, edge, perceptual, recon)

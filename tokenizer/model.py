@@ -93,6 +93,23 @@ class ScalingLayer(nn.Module):
         return (x01 - self.shift) / self.scale
 
 
+class PixelRefine(nn.Module):
+    """Optional (not released): three 3×3 convs on the pixel-shuffled image, added back as a residual. The last
+    conv starts at zero, so a fresh refinement is the identity; it lets neighbouring patches agree at their seams
+    and sharpens edges that the per-patch linear head leaves soft."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.GELU(),
+                                 nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(),
+                                 nn.Conv2d(channels, 3, 3, padding=1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return img + self.net(img)
+
+
 class WinTok(nn.Module):
     def __init__(self, config: WinTokConfig):
         super().__init__()
@@ -129,6 +146,8 @@ class WinTok(nn.Module):
         self.decode_task_layer_2 = nn.Sequential(
             nn.Conv2d(c.decoder_hidden_size, 3 * c.patch_size * c.patch_size, kernel_size=1))
         self.conv_out = nn.Conv2d(3, 3, kernel_size=3, padding=1)
+        if c.refine_channels:  # optional, off in the released layout (no keys then)
+            self.refine = PixelRefine(c.refine_channels)
 
     # ------------------------------------------------------------------------------------ encoder
     def _encode_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,6 +190,8 @@ class WinTok(nn.Module):
         h = rearrange(h, "b (gh gw) d -> b d gh gw", gh=c.grid_size)  # (B, Dd, g, g)
         h = self.decode_task_layer_2(h)  # (B, p·p·3, g, g)
         img = rearrange(h, "b (p1 p2 c) h w -> b c (h p1) (w p2)", p1=c.patch_size, p2=c.patch_size)
+        if c.refine_channels:
+            img = self.refine(img)
         return self.conv_out(img)  # (B, 3, H, W)
 
     def codes_to_quant(self, codes: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ class MultiCodebookQuantizer(nn.Module):
         cb = z.new_zeros((), dtype=torch.float32)
         for i, chunk in enumerate(chunks):
             zn = F.normalize(chunk, dim=-1)  # (B, L, d)
-            book = self.normalised_codebook(i)  # (K, d)
+            book = self.normalised_codebook(i).float()  # (K, d), fp32 even in a bf16 copy
             sim = zn @ book.t()  # (B, L, K)
             idx = sim.argmax(dim=-1)  # (B, L)
             q = F.embedding(idx, book)  # (B, L, d)

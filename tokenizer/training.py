@@ -3,16 +3,20 @@ distillation of the semantic tokens, resumable checkpoints, and a final save_pre
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from tokenizer.config import WinTokConfig
 from tokenizer.data import ImageStream, list_images
+from tokenizer.gan import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from tokenizer.losses import tokenizer_losses
+from tokenizer.lpips import lpips_from_paths
 from tokenizer.model import WinTok
 from tokenizer.teacher import load_teacher
 from unified_mllm.config import to_dict
@@ -35,11 +39,35 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN/inf; the run stops before the optimizer applies it."""
 
 
+def sincos_1d(dim: int, length: int) -> torch.Tensor:
+    """(length, dim) sin-cos embedding of positions 0..length-1 (sin half, then cos half)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    out = torch.arange(length, dtype=torch.float64)[:, None] * omega[None]
+    return torch.cat([out.sin(), out.cos()], dim=1).float()
+
+
+@torch.no_grad()
+def apply_wintok_init(model: WinTok) -> WinTok:
+    """The released training code's initialisation of a from-scratch WinTok (the SigLIP trunks keep theirs)."""
+    c = model.config
+    nn.init.normal_(model.query_tokens, std=1.0)
+    model.query_tokens_pos_embed.copy_(sincos_1d(c.hidden_size, c.num_semantic_tokens))
+    bound = c.codebook_dim**-0.5 / 36
+    for book in model.quantizer.codebooks:
+        nn.init.uniform_(book.codebook.weight, -bound, bound)
+    for module in [*model.decode_task_layer_1, *model.decoder.modules()]:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+    return model
+
+
 def build_wintok(cfg: TokenizerStageConfig) -> WinTok:
     if cfg.model.init_from:
         return WinTok.from_checkpoint(cfg.model.init_from, **cfg.model.overrides)
     base = WinTokConfig.tiny() if cfg.model.preset == "tiny" else WinTokConfig.released()
-    return WinTok(WinTokConfig.from_dict({**base.to_dict(), **cfg.model.overrides}))
+    model = WinTok(WinTokConfig.from_dict({**base.to_dict(), **cfg.model.overrides}))
+    return apply_wintok_init(model) if cfg.model.init == "wintok" else model
 
 
 class TokenizerTrainer:
@@ -58,12 +86,33 @@ class TokenizerTrainer:
             if dim is not None and dim != self.model.config.semantic_dim:
                 raise ValueError(f"teacher.path: the teacher's embedding is {dim}-d but the semantic tokens are "
                                  f"{self.model.config.semantic_dim}-d; set model.overrides.semantic_dim: {dim}")
+        if zero_stage(self.ds_config) >= 3 and cfg.model.ema_decay > 0:
+            raise ValueError("model.ema_decay: the weight average needs whole weights on each process; use ZeRO-2 "
+                             "(deepspeed.config: stage_configs/deepspeed/zero2.json) or set model.ema_decay: 0")
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.model.ema_decay > 0 else None
         self.engine = self.build_engine()
         if self.teacher is not None:
             self.teacher.to(self.engine.device)
+        self.perceptual = lpips_from_paths(cfg.loss.lpips_vgg16, cfg.loss.lpips_linear)
+        if self.perceptual is not None:
+            self.perceptual.to(self.engine.device)
+        self.disc = self.disc_opt = None
+        if cfg.loss.gan > 0:
+            if zero_stage(self.ds_config) >= 3:
+                raise ValueError("loss.gan: the adversarial loss needs whole decoder weights for its adaptive "
+                                 "weight; use ZeRO-2 (deepspeed.config: stage_configs/deepspeed/zero2.json)")
+            self.disc = PatchDiscriminator(cfg.loss.gan_disc_channels, cfg.loss.gan_disc_layers).to(self.engine.device)
+            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.loss.gan_disc_lr or cfg.optim.lr,
+                                              betas=(0.5, 0.9), weight_decay=0.0)
+        if self.ema is not None:
+            self.ema.to(self.engine.device)
         files = list_images(cfg.data.images, cfg.data.max_images)
         self.stream = ImageStream(files, self.model.config.image_size, cfg.optim.micro_batch_size, cfg.seed,
-                                  self.rank, self.world_size, cfg.data.random_crop, cfg.data.on_bad_sample)
+                                  self.rank, self.world_size, cfg.data.random_crop, cfg.data.on_bad_sample,
+                                  cache=cfg.data.cache_images)
+        # a frozen teacher on un-cropped images gives each file one embedding: compute it once
+        self.teacher_cache: dict[int, torch.Tensor] | None = (
+            {} if self.teacher is not None and cfg.data.cache_images and not cfg.data.random_crop else None)
         self.ckpt = CheckpointManager(self.output_dir, cfg.checkpoint.keep_last, self.rank)
         self.step = 0
         self.resumed_from = self.maybe_resume()
@@ -85,12 +134,23 @@ class TokenizerTrainer:
         return engine
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "data": self.stream.state_dict(), "rng": rng_state()}
+        state: dict[str, Any] = {"step": self.step, "data": self.stream.state_dict(), "rng": rng_state()}
+        if self.ema is not None:
+            state["ema"] = {k: v.detach().cpu().clone() for k, v in self.ema.state_dict().items()}
+        if self.disc is not None:
+            state["disc"] = {k: v.detach().cpu().clone() for k, v in self.disc.state_dict().items()}
+            state["disc_opt"] = self.disc_opt.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.stream.load_state_dict(state["data"])
         set_rng_state(state["rng"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        if self.disc is not None and "disc" in state:
+            self.disc.load_state_dict(state["disc"])
+            self.disc_opt.load_state_dict(state["disc_opt"])
 
     def maybe_resume(self) -> Path | None:
         mode = self.cfg.checkpoint.resume
@@ -109,24 +169,84 @@ class TokenizerTrainer:
                 "config": to_dict(self.cfg), "wintok_config": self.model.config.to_dict()}
         return self.ckpt.save(self.engine, self.step, self.state_dict(), meta)
 
+    @torch.no_grad()
+    def teacher_embeddings(self, images: torch.Tensor) -> torch.Tensor | None:
+        if self.teacher is None:
+            return None
+        if self.teacher_cache is None:
+            return self.teacher(images)
+        idx = self.stream.last_indices
+        todo = [j for j, i in enumerate(idx) if i not in self.teacher_cache]
+        if todo:
+            for j, emb in zip(todo, self.teacher(images[todo]).cpu()):
+                self.teacher_cache[idx[j]] = emb
+        return torch.stack([self.teacher_cache[i] for i in idx]).to(images.device)
+
+    def gan_active(self) -> bool:
+        return self.disc is not None and self.step >= self.cfg.loss.gan_start
+
     def train_step(self) -> dict[str, float]:
         totals: dict[str, float] = {}
-        for _ in range(self.cfg.optim.grad_accum):
+        accum = self.cfg.optim.grad_accum
+        for _ in range(accum):
             images = next(self.stream).to(self.engine.device)
-            with torch.no_grad():
-                teacher_emb = self.teacher(images) if self.teacher is not None else None
+            teacher_emb = self.teacher_embeddings(images)
             out = self.engine(images)
-            losses = tokenizer_losses(out, images, teacher_emb, self.cfg.loss)
-            if all_reduce_sum(float(not torch.isfinite(losses.total.detach()).item())) > 0:
-                raise NonFiniteLoss(f"loss is {losses.total.item()} at step {self.step + 1} (images from "
+            losses = tokenizer_losses(out, images, teacher_emb, self.cfg.loss, self.perceptual)
+            total = losses.total
+            extra: dict[str, float] = {}
+            if self.gan_active():
+                self.disc.requires_grad_(False)
+                g_loss = hinge_g_loss(self.disc(out.reconstruction))
+                weight = adaptive_weight(losses.reconstruction, g_loss, self.model.conv_out.weight)
+                total = total + self.cfg.loss.gan * weight * g_loss
+                extra = {"loss/gan_g": float(g_loss.detach()), "gan/adaptive_weight": float(weight)}
+            if all_reduce_sum(float(not torch.isfinite(total.detach()).item())) > 0:
+                raise NonFiniteLoss(f"loss is {total.item()} at step {self.step + 1} (images from "
                                     f"{self.cfg.data.images}); stopped before the update — the last complete "
                                     f"checkpoint ({self.ckpt.latest() or 'none'}) is intact")
-            self.engine.backward(losses.total)
+            self.engine.backward(total)
             self.engine.step()
-            for k, v in losses.scalars().items():
-                totals[k] = totals.get(k, 0.0) + v / self.cfg.optim.grad_accum
+            if self.gan_active():
+                extra["loss/gan_d"] = self.discriminator_step(images, out.reconstruction.detach(), accum)
+            for k, v in {**losses.scalars(), "loss/total": float(total.detach()), **extra}.items():
+                totals[k] = totals.get(k, 0.0) + v / accum
+        if self.gan_active():
+            self.disc_opt.step()
+            self.disc_opt.zero_grad(set_to_none=True)
+        self.update_ema()
         self.step += 1
         return totals
+
+    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor, accum: int) -> float:
+        """Accumulate the hinge loss's gradient (averaged over processes); the caller steps once per update."""
+        self.disc.requires_grad_(True)
+        loss = hinge_d_loss(self.disc(real), self.disc(fake))
+        (loss / accum).backward()
+        if self.world_size > 1:
+            for p in self.disc.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= self.world_size
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        if self.ema is None:
+            return
+        decay = min(self.cfg.model.ema_decay, (1 + self.step) / (10 + self.step))  # short warm-up of the average
+        for e, p in zip(self.ema.parameters(), self.model.parameters()):
+            e.lerp_(p.detach(), 1.0 - decay)
+        for e, b in zip(self.ema.buffers(), self.model.buffers()):
+            e.copy_(b)
+
+    def loss_summary(self) -> str:
+        lc = self.cfg.loss
+        lpips = (f"LPIPS-VGG on (weight {lc.perceptual})" if self.perceptual is not None else
+                 "LPIPS off (no loss.lpips_vgg16 / loss.lpips_linear weights given)")
+        gan = (f"GAN on (weight {lc.gan}, from step {lc.gan_start})" if self.disc is not None else "GAN off")
+        ema = f"EMA {self.cfg.model.ema_decay} (exported)" if self.ema is not None else "no EMA"
+        return f"{lpips}; {gan}; {ema}"
 
     def fit(self) -> int:
         cfg = self.cfg
@@ -135,7 +255,7 @@ class TokenizerTrainer:
             self.logger.message(f"resumed from {self.resumed_from} at step {self.step}")
         self.logger.message(f"stage tokenizer: WinTok {n_params / 1e6:.2f}M parameters, teacher {cfg.teacher.kind}, "
                             f"ZeRO-{zero_stage(self.ds_config)}, {self.precision}, {self.world_size} process(es); "
-                            f"LPIPS and GAN losses are not used")
+                            f"{self.loss_summary()}")
         t0, images_seen = time.time(), 0
         while self.step < cfg.optim.max_steps:
             metrics = self.train_step()
@@ -153,12 +273,12 @@ class TokenizerTrainer:
         self.save()
         export = self.output_dir / "export"
         if self.rank == 0:
-            self.model.eval().save_pretrained(export)
+            (self.ema if self.ema is not None else self.model).eval().save_pretrained(export)
             if cfg.data.eval_images:
                 from tokenizer.eval import evaluate
 
                 result = evaluate(WinTok.from_pretrained(export).freeze(), cfg.data.eval_images, max_images=500,
-                                  grid_path=self.output_dir / "reconstructions.png")
+                                  grid_path=self.output_dir / "reconstructions.png", perceptual=self.perceptual)
                 (self.output_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
                 self.logger.message(f"eval on {cfg.data.eval_images}: " + ", ".join(
                     f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float)))

@@ -18,6 +18,15 @@ class TokenizerModelConfig:
     """WinTokConfig fields that override the preset (e.g. {image_size: 64, num_semantic_tokens: 16})."""
     init_from: str | None = None
     """Fine-tune from this checkpoint (released .pth, .safetensors or save_pretrained dir); null trains from scratch."""
+    init: Literal["default", "wintok"] = "default"
+    """From scratch: `wintok` applies the released code's initialisation (query tokens N(0, 1), 1-D sin-cos query
+    position embedding, codebooks uniform ±d^-0.5/36, truncated-normal 0.02 decoder linears); `default` keeps
+    PyTorch's. Ignored with init_from."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights (e.g. 0.99); the export and the eval use the EMA copy. 0: off."""
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass
@@ -32,6 +41,9 @@ class TokenizerDataConfig:
     """Use at most this many training images (null: all)."""
     num_workers: int = 1
     """Data-loader worker processes."""
+    cache_images: bool = True
+    """Keep each decoded training image in memory (uint8) after its first read, and — with random_crop off and a
+    frozen teacher — its teacher embedding too, so later epochs neither decode nor run the teacher again."""
     on_bad_sample: Literal["skip", "error"] = "skip"
     """An unreadable image: skip it (counted and logged) or stop with an error naming the file."""
 
@@ -61,9 +73,28 @@ class TokenizerLossConfig:
     """Temperature of the entropy loss."""
     distill: float = 1.0
     """Weight of 1 − cos(teacher embedding, mean semantic token); semantic tokens only."""
+    edge: float = 0.0
+    """Weight of the L1 distance between the horizontal and vertical pixel differences of reconstruction and
+    original (sharp edges; not in the released recipe). 0: off."""
+    perceptual: float = 1.0
+    """Weight of LPIPS-VGG; used only when lpips_vgg16 and lpips_linear are given (the log says so)."""
+    lpips_vgg16: str | None = None
+    """Local torchvision vgg16 state dict (features.* keys) for LPIPS; nothing is downloaded."""
+    lpips_linear: str | None = None
+    """Local lpips linear-layer weights (the lpips package's weights/v0.1/vgg.pth)."""
+    gan: float = 0.0
+    """Weight of the adversarial loss (PatchGAN discriminator, hinge, VQGAN adaptive weight). 0: off."""
+    gan_start: int = 0
+    """Optimizer step from which the discriminator trains and the adversarial loss is applied."""
+    gan_disc_channels: int = 64
+    """Width of the discriminator's first layer."""
+    gan_disc_layers: int = 3
+    """Strided layers of the discriminator."""
+    gan_disc_lr: float | None = None
+    """Discriminator learning rate (null: optim.lr)."""
 
     def __post_init__(self) -> None:
-        for name in ("l1", "l2", "vq", "entropy", "distill"):
+        for name in ("l1", "l2", "vq", "entropy", "distill", "edge", "perceptual", "gan"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.entropy_temp > 0, "entropy_temp", f"must be > 0, got {self.entropy_temp}")
 
