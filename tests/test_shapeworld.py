@@ -156,3 +156,23 @@ def test_loads_as_hf_dataset(dataset_dir: Path) -> None:
     assert set(t2i.column_names) >= {"caption", "image"}
     with pytest.raises(ValueError, match="valid"):
         load_hf_dataset(dataset_dir, "nope")
+
+
+def test_judge_finds_no_shapes_in_noise_or_smears() -> None:
+    """A failed generation (coloured noise, a smear over the whole image) must not pass as shapes."""
+    import numpy as np
+    from PIL import Image
+
+    from unified_mllm.shapeworld.grade import grade_generation
+    from unified_mllm.shapeworld.judge import detect
+
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        noise = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        blotchy = np.kron(rng.integers(0, 256, (16, 16, 3)), np.ones((4, 4, 1))).astype(np.uint8)
+        for arr in (noise, blotchy):
+            assert detect(Image.fromarray(arr)) == [], i
+            assert not grade_generation(Image.fromarray(arr), {"include": [{"class": "circle", "count": 1}]})[0]
+    smear = np.zeros((64, 64, 3), dtype=np.uint8)
+    smear[:, :] = (200, 40, 40)  # one colour over the whole image is not a square
+    assert detect(Image.fromarray(smear)) == []

@@ -55,15 +55,12 @@ def loss_curves(run: Path, chain: list[str], out: Path) -> Path | None:
 
 def score_rows(summary: dict) -> list[dict]:
     """Flatten the suite's summary.json into rows with benchmark, metric, value, samples, scorer."""
-    rows = summary.get("results", summary.get("rows", []))
-    return [r for r in rows if isinstance(r, dict)]
+    return [r for r in summary.get("entries", []) if isinstance(r, dict)]
 
 
 def find_score(rows: list[dict], direction: str, split: str, category: str) -> float | None:
     for r in rows:
-        text = " ".join(str(r.get(k, "")) for k in ("benchmark", "task", "direction", "split", "metric", "category"))
-        if direction in text and split in text and (category in text.split() or r.get("category") == category
-                                                    or r.get("metric") == category):
+        if r.get("benchmark") == f"shapeworld_{direction}" and r.get("split") == split and r.get("metric") == category:
             return r.get("value")
     return None
 
@@ -96,14 +93,14 @@ def write_report(run: Path, chain: list[str]) -> Path:
             lines.append(f"| {name} | {'n/a' if got is None else f'{got:.3f}'} | {minimum:.2f} | {met} |")
         lines += ["", "## Scores", ""]
         if rows:
-            keys = [k for k in ("benchmark", "split", "category", "metric", "value", "samples", "scorer")
+            keys = [k for k in ("benchmark", "split", "metric", "value", "samples", "scorer", "official")
                     if any(k in r for r in rows)]
             lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
             for r in rows:
                 cells = [f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
                 lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-        grids = sorted((run / "eval").glob("**/*grid*.png"))
+        grids = sorted((run / "eval").glob("samples*.png"))
         if grids:
             lines += ["## Generated samples", ""]
             lines += [f"![{g.stem}]({g.relative_to(run)})" for g in grids]

@@ -43,12 +43,18 @@ _PROFILES = {
 }
 
 
-def _classify(mask: np.ndarray) -> str:
-    """Kind of a shape from its tight binary mask (h, w): the nearest row-coverage profile.
+MAX_BOX = 0.6
+"""Shapes are at most 0.34 of the image wide; a blob whose box spans more than this is not one shape."""
+MAX_ASPECT = 1.8
+"""Every kind has a square box; a blob longer than this in one direction is not a shape."""
+MAX_PROFILE_ERROR = 0.15
+"""A blob whose row-coverage profile is further than this (squared distance) from every kind is not a shape."""
+MIN_PURITY = 0.6
+"""Share of a blob's pixels that must lie near its palette colour (noise and smears are many colours)."""
+PURITY_DISTANCE = 90.0
 
-    How wide a shape is at a quarter, half and three quarters of its height separates the four kinds by a wide
-    margin, and blur, JPEG and noise move these widths far less than they move corners or fill ratios.
-    """
+
+def _profile_fit(mask: np.ndarray) -> tuple[str, float]:
     h = mask.shape[0]
     rows = mask.mean(axis=1)  # (h,) coverage of each row
 
@@ -58,14 +64,28 @@ def _classify(mask: np.ndarray) -> str:
         return float(rows[max(0, lo):max(lo + 1, min(h, hi))].mean())
 
     profile = np.array([band(0.25), band(0.5), band(0.75)])
-    return min(_PROFILES, key=lambda k: float(((profile - np.array(_PROFILES[k])) ** 2).sum()))
+    errors = {k: float(((profile - np.array(v)) ** 2).sum()) for k, v in _PROFILES.items()}
+    kind = min(errors, key=errors.get)
+    return kind, errors[kind]
+
+
+def _classify(mask: np.ndarray) -> str:
+    """Kind of a shape from its tight binary mask (h, w): the nearest row-coverage profile.
+
+    How wide a shape is at a quarter, half and three quarters of its height separates the four kinds by a wide
+    margin, and blur, JPEG and noise move these widths far less than they move corners or fill ratios.
+    """
+    return _profile_fit(mask)[0]
 
 
 def _detection(comp: np.ndarray, sl: tuple[slice, slice], arr: np.ndarray, dist: np.ndarray, H: int,
                W: int) -> Detection | None:
     pixels = arr[sl][comp]
     median = np.median(pixels, axis=0)
-    color = _NAMES[int(np.argmin(((median - _PALETTE) ** 2).sum(-1)))]
+    k = int(np.argmin(((median - _PALETTE) ** 2).sum(-1)))
+    color = _NAMES[k]
+    if float((np.linalg.norm(pixels - _PALETTE[k], axis=-1) < PURITY_DISTANCE).mean()) < MIN_PURITY:
+        return None  # a smear of many colours (noise, a failed generation), not a flat-coloured shape
     # the shape's outline at half its contrast against the background: stable under blur and JPEG
     pad = 2
     y0, y1 = max(0, sl[0].start - pad), min(H, sl[0].stop + pad)
@@ -81,7 +101,13 @@ def _detection(comp: np.ndarray, sl: tuple[slice, slice], arr: np.ndarray, dist:
     ty0, ty1, tx0, tx1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     mask = ndimage.binary_fill_holes(half[ty0:ty1, tx0:tx1])
     by0, by1, bx0, bx1 = y0 + ty0, y0 + ty1, x0 + tx0, x0 + tx1
-    return Detection(_classify(mask), color, (bx0 + bx1) / 2 / W, (by0 + by1) / 2 / H, float(comp.sum()) / (H * W),
+    bh, bw = (by1 - by0) / H, (bx1 - bx0) / W
+    if max(bh, bw) > MAX_BOX or max(bh, bw) > MAX_ASPECT * min(bh, bw):
+        return None
+    kind, error = _profile_fit(mask)
+    if error > MAX_PROFILE_ERROR:
+        return None
+    return Detection(kind, color, (bx0 + bx1) / 2 / W, (by0 + by1) / 2 / H, float(comp.sum()) / (H * W),
                      (bx0 / W, by0 / H, bx1 / W, by1 / H))
 
 
