@@ -327,21 +327,21 @@ def test_geneval_official_scorer_is_called_with_its_interface(sw_data: Path, tmp
 
 # ---------------------------------------------------------------------------------------------- DPG
 def test_dpg_grids_are_named_by_item_seeded_and_resume(pipe, dpg_prompts: Path, tmp_path: Path) -> None:
-    items = dpg.read_prompts(dpg_prompts)[:3]
-    s = dpg.run(None, str(dpg_prompts), tmp_path, max_prompts=3, seed=5, batch_size=8, pipe=pipe, log=lambda *_: None)
-    assert (s["generated"], s["status"]) == (3, "images written, not scored")
+    items = dpg.read_prompts(dpg_prompts)[:2]
+    s = dpg.run(None, str(dpg_prompts), tmp_path, max_prompts=2, seed=5, batch_size=8, pipe=pipe, log=lambda *_: None)
+    assert (s["generated"], s["status"]) == (2, "images written, not scored")
     files = sorted(p.name for p in (tmp_path / "images").iterdir())
     assert files == sorted(f"{item_id}.png" for item_id, _ in items)  # only grids in the scorer's folder
     side = pipe.wintok.config.image_size
     for i, (item_id, prompt) in enumerate(items):
         grid = Image.open(tmp_path / "images" / f"{item_id}.png")
         assert grid.size == (2 * side, 2 * side)
-        if i == 2:  # cell j (left→right, top→bottom) is sample j, seeded seed + i·4 + j
+        if i == 1:  # cell j (left→right, top→bottom) is sample j, seeded seed + i·4 + j
             want = pipe.generate_images([prompt], num_images=4, seed=5 + i * 4)[0]
             for cell, img in zip(dpg.split_grid(grid), want):
                 assert np.array_equal(np.asarray(cell), np.asarray(img))
-    s = dpg.run(None, str(dpg_prompts), tmp_path, max_prompts=3, seed=5, pipe=pipe, log=lambda *_: None)
-    assert (s["generated"], s["skipped"]) == (0, 3)
+    s = dpg.run(None, str(dpg_prompts), tmp_path, max_prompts=2, seed=5, pipe=pipe, log=lambda *_: None)
+    assert (s["generated"], s["skipped"]) == (0, 2)
     with pytest.raises(EvalError, match="not a directory"):
         dpg.run(None, str(tmp_path / "nope"), tmp_path, pipe=pipe)
 
@@ -360,7 +360,7 @@ def test_dpg_shapeworld_cells_are_judged(sw_data: Path, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ ShapeWorld bench
 def test_shapeworld_bench_counts_and_categories(pipe, sw_data: Path, tmp_path: Path) -> None:
-    r = shapeworld.run(None, sw_data, tmp_path, max_questions=12, max_prompts=4, num_images=2, batch_size=8,
+    r = shapeworld.run(None, sw_data, tmp_path, max_questions=12, max_prompts=3, num_images=2, batch_size=8,
                        pipe=pipe, log=lambda *_: None)
     assert set(r["splits"]) == {"heldin", "heldout"}
     for part in r["splits"].values():
@@ -370,7 +370,7 @@ def test_shapeworld_bench_counts_and_categories(pipe, sw_data: Path, tmp_path: P
         for cat, n in u["counts"].items():
             recs = [x for x in u["records"] if x["category"] == cat]
             assert len(recs) == n and u["scores"][cat] == pytest.approx(sum(x["correct"] for x in recs) / n)
-        assert g["prompts"] == 4 and g["images"] == 8 and sum(g["counts"].values()) == 8
+        assert g["prompts"] == 3 and g["images"] == 6 and sum(g["counts"].values()) == 6
         assert all(Path(f).is_file() for rec in g["records"] for f in rec["images"])
     saved = json.loads((tmp_path / "shapeworld.json").read_text())
     assert saved["splits"]["heldin"]["understanding"]["scores"] == r["splits"]["heldin"]["understanding"]["scores"]
@@ -483,3 +483,8 @@ def test_eval_configs_validate_and_errors_name_the_field(tmp_path: Path) -> None
             load_suite_config(bad)
     proc = python("-m", "eval.suite", "--checkpoint", "x", "--config", str(bad), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "data: environment variable NO_SUCH_VAR_FOR_TEST" in proc.stderr
+    proc = python("-m", "eval.suite", "--checkpoint", str(tmp_path / "none"), "--config", "eval_configs/shapeworld.yaml",
+                  "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --checkpoint {tmp_path / 'none'}: no unified_config.json there; pass the export directory of a "
+        "trained stage, e.g. runs/quickstart/t2i/export"]
