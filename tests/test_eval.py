@@ -358,6 +358,33 @@ def test_dpg_shapeworld_cells_are_judged(sw_data: Path, tmp_path: Path) -> None:
     assert s["scores"]["overall"] == pytest.approx(0.75) and s["items"] == len(items)
 
 
+def test_dpg_official_scorer_is_called_with_its_interface(tmp_path: Path) -> None:
+    """ELLA's scorer needs modelscope and mPLUG-large; a stand-in with its command line and result file checks the
+    wrapper (arguments, working directory, parsing of the overall and L1 category scores)."""
+    images = tmp_path / "out" / "images"
+    images.mkdir(parents=True)
+    for item in ("0", "1"):
+        Image.new("RGB", (64, 64)).save(images / f"{item}.png")
+    script = tmp_path / "ELLA" / "dpg_bench" / "compute_dpg_bench.py"
+    script.parent.mkdir(parents=True)
+    (script.parent / "dpg_bench.csv").write_text("item_id,text\n")
+    script.write_text(
+        "import argparse, os\n"
+        "p = argparse.ArgumentParser()\n"
+        "for a in ('--image-root-path', '--resolution', '--csv', '--res-path', '--pic-num', '--vqa-model'): p.add_argument(a)\n"
+        "a = p.parse_args()\n"
+        "assert os.path.isdir('dpg_bench') and a.pic_num == '4' and a.resolution == '32' and a.vqa_model == 'mplug'\n"
+        "assert sorted(os.listdir(a.image_root_path)) == ['0.png', '1.png'] and os.path.isfile(a.csv)\n"
+        "open(a.res_path, 'w').write('x/0.png, 1.0\\nModel: images\\nL1 category scores:\\n\\tentity: 80.0\\n'\n"
+        "                            '\\trelation: 70.0\\nL2 category scores:\\n\\tentity - whole: 80.0\\n'\n"
+        "                            'DPG-Bench score: 75.5\\n')\n")
+    s = dpg.score_official(images, tmp_path / "out", tmp_path / "ELLA", script.parent / "dpg_bench.csv", 32,
+                           log=lambda *_: None)
+    assert s["official"] is True and s["scores"] == {"overall": 0.755, "entity": 0.8, "relation": 0.7}
+    with pytest.raises(EvalError, match="dpg_bench.csv"):
+        dpg.score_official(images, tmp_path / "out", tmp_path / "ELLA", tmp_path / "missing.csv", 32)
+
+
 # ------------------------------------------------------------------------------------ ShapeWorld bench
 def test_shapeworld_bench_counts_and_categories(pipe, sw_data: Path, tmp_path: Path) -> None:
     r = shapeworld.run(None, sw_data, tmp_path, max_questions=12, max_prompts=3, num_images=2, batch_size=8,
@@ -403,6 +430,21 @@ def test_shapeworld_scoring_is_exact_on_oracles(sw_data: Path) -> None:
         assert s["scores"]["overall"] == 1.0 and all(v == 1.0 for v in s["scores"].values())
         _, s = shapeworld.score_images(specs, [[render(violating_scene(sp, rng), 64)] for sp in specs])
         assert all(v == 0.0 for v in s["scores"].values())
+
+
+def test_shapeworld_judge_fails_texture_read_as_many_shapes() -> None:
+    """An untrained generator paints palette-coloured texture; the detector reads it as 8+ shapes, which would
+    satisfy every "at least one X" prompt. No ShapeWorld scene holds more than MAX_OBJECTS shapes."""
+    from unified_mllm.shapeworld.grade import grade_generation
+    from unified_mllm.shapeworld.scene import BACKGROUND, COLORS, MAX_OBJECTS
+
+    rng = np.random.default_rng(0)
+    palette = np.array(list(COLORS.values()) + [BACKGROUND] * 4, dtype=np.uint8)
+    texture = Image.fromarray(np.kron(palette[rng.integers(0, len(palette), (8, 8))], np.ones((8, 8, 1), np.uint8)))
+    assert len(detect(texture)) > MAX_OBJECTS
+    for shape in ("circle", "square", "triangle", "diamond"):
+        ok, reason = grade_generation(texture, {"tag": "single_object", "include": [{"class": shape, "count": 1}]})
+        assert not ok and "objects detected" in reason
 
 
 def test_shapeworld_bench_bad_input_is_one_clear_error(tmp_path: Path) -> None:
