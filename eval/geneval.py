@@ -4,7 +4,8 @@
     python -m eval.geneval ... --geneval-repo ~/geneval --detector-path ~/geneval/models   # official scorer
     python -m eval.geneval --score-only --out runs/x/geneval --scorer shapeworld            # ShapeWorld prompts
 
-Layout (that of GenEval's generation scripts; ``evaluation/evaluate_images.py`` reads any ``<digits>.png``)::
+Layout (that of GenEval's generation scripts, which name samples ``00000.png``; ``evaluation/evaluate_images.py``
+reads any ``<digits>.png``)::
 
     OUT/00000/metadata.jsonl     the prompt's metadata record (one JSON object)
     OUT/00000/samples/0000.png   image j of prompt i, sampled with seed + i·num_images + j

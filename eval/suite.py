@@ -137,7 +137,8 @@ def run_dpg(cfg: SuiteConfig, pipe, out: Path, log) -> tuple[list[Entry], dict, 
     return entries, summary, samples
 
 
-PARTS = {"shapeworld": run_shapeworld, "lmms_eval": run_lmms, "geneval": run_geneval, "dpg": run_dpg}
+PARTS = {"lmms_eval": run_lmms, "shapeworld": run_shapeworld, "geneval": run_geneval, "dpg": run_dpg}
+"""Run order: lmms-eval first, in its own process, before this one loads the model (one copy on the GPU at a time)."""
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -171,10 +172,12 @@ def write_samples_grid(path: Path, samples: list[tuple[str, str]], limit: int) -
 
 
 def run_suite(checkpoint: str, cfg: SuiteConfig, out: str | Path, config_name: str = "", log=print) -> dict:
+    if not (Path(checkpoint) / "unified_config.json").is_file():
+        raise EvalError(f"--checkpoint {checkpoint}: no unified_config.json there; pass the export directory of a "
+                        "trained stage, e.g. runs/quickstart/t2i/export")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    in_process = cfg.shapeworld.enabled or cfg.geneval.enabled or cfg.dpg.enabled
-    pipe = load_pipeline(checkpoint, cfg.device, cfg.dtype) if in_process else None
+    pipe = None
     entries: list[Entry] = []
     parts: dict[str, dict] = {}
     samples: list[tuple[str, str]] = []
@@ -187,6 +190,7 @@ def run_suite(checkpoint: str, cfg: SuiteConfig, out: str | Path, config_name: s
             if name == "lmms_eval":
                 e, detail, s = fn(cfg, checkpoint, out / name, log)
             else:
+                pipe = pipe or load_pipeline(checkpoint, cfg.device, cfg.dtype)
                 e, detail, s = fn(cfg, pipe, out / name, log)
         except EvalError as err:
             parts[name] = {"status": "failed", "error": str(err)}

@@ -214,19 +214,24 @@ def test_lmms_eval_loglikelihood_is_the_negative_log_likelihood(pipe, export, ta
 
 @needs_lmms
 def test_failing_evaluations_exit_nonzero(task_dir, lmms_env, tmp_path) -> None:
-    # a checkpoint that does not load: lmms-eval itself exits non-zero, with the reason on stderr
     bad = tmp_path / "no_such_export"
-    proc = python("-m", "lmms_eval", "--model", "unified_mllm", "--model_args", f"pretrained={bad}",
-                  "--include_path", str(task_dir), "--tasks", "shapeworld_pope_heldin", "--limit", "2",
-                  "--output_path", str(tmp_path / "a"), env=lmms_env)
-    assert proc.returncode != 0
-    assert "[unified_mllm]" in proc.stderr and str(bad) in proc.stderr
+    runs = {  # both start at once: most of their time is lmms-eval's start-up
+        # a checkpoint that does not load: lmms-eval itself exits non-zero, with the reason on stderr
+        "plugin": ["-m", "lmms_eval", "--model", "unified_mllm", "--model_args", f"pretrained={bad}",
+                   "--include_path", str(task_dir), "--tasks", "shapeworld_pope_heldin", "--limit", "2",
+                   "--output_path", str(tmp_path / "a")],
+        # a failure inside lmms-eval (an unknown task), which plain lmms-eval 0.7.3 reports with exit status 0
+        "runner": ["-m", "eval.lmms_runner", "--model", "unified_mllm", "--model_args", f"pretrained={bad}",
+                   "--tasks", "no_such_task", "--output_path", str(tmp_path / "b")],
+    }
+    procs = {k: subprocess.Popen([sys.executable, *a], cwd=ROOT, env=lmms_env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for k, a in runs.items()}
+    out = {k: p.communicate(timeout=300) for k, p in procs.items()}
+    assert procs["plugin"].returncode != 0
+    assert "[unified_mllm]" in out["plugin"][1] and str(bad) in out["plugin"][1]
     assert not list((tmp_path / "a").rglob("*_results.json"))
-    # a failure inside lmms-eval (an unknown task), which plain lmms-eval 0.7.3 reports with exit 0
-    proc = python("-m", "eval.lmms_runner", "--model", "unified_mllm", "--model_args", f"pretrained={bad}",
-                  "--tasks", "no_such_task", "--output_path", str(tmp_path / "b"), env=lmms_env)
-    assert proc.returncode == 1
-    assert "wrote no results" in proc.stderr
+    assert procs["runner"].returncode == 1
+    assert "wrote no results" in out["runner"][1]
 
 
 # ------------------------------------------------------------------------------------------ GenEval
@@ -327,21 +332,21 @@ def test_geneval_official_scorer_is_called_with_its_interface(sw_data: Path, tmp
 
 # ---------------------------------------------------------------------------------------------- DPG
 def test_dpg_grids_are_named_by_item_seeded_and_resume(pipe, dpg_prompts: Path, tmp_path: Path) -> None:
-    items = dpg.read_prompts(dpg_prompts)[:3]
-    s = dpg.run(None, str(dpg_prompts), tmp_path, max_prompts=3, seed=5, batch_size=8, pipe=pipe, log=lambda *_: None)
-    assert (s["generated"], s["status"]) == (3, "images written, not scored")
+    items = dpg.read_prompts(dpg_prompts)[:2]
+    s = dpg.run(None, str(dpg_prompts), tmp_path, max_prompts=2, seed=5, batch_size=8, pipe=pipe, log=lambda *_: None)
+    assert (s["generated"], s["status"]) == (2, "images written, not scored")
     files = sorted(p.name for p in (tmp_path / "images").iterdir())
     assert files == sorted(f"{item_id}.png" for item_id, _ in items)  # only grids in the scorer's folder
     side = pipe.wintok.config.image_size
     for i, (item_id, prompt) in enumerate(items):
         grid = Image.open(tmp_path / "images" / f"{item_id}.png")
         assert grid.size == (2 * side, 2 * side)
-        if i == 2:  # cell j (left→right, top→bottom) is sample j, seeded seed + i·4 + j
+        if i == 1:  # cell j (left→right, top→bottom) is sample j, seeded seed + i·4 + j
             want = pipe.generate_images([prompt], num_images=4, seed=5 + i * 4)[0]
             for cell, img in zip(dpg.split_grid(grid), want):
                 assert np.array_equal(np.asarray(cell), np.asarray(img))
-    s = dpg.run(None, str(dpg_prompts), tmp_path, max_prompts=3, seed=5, pipe=pipe, log=lambda *_: None)
-    assert (s["generated"], s["skipped"]) == (0, 3)
+    s = dpg.run(None, str(dpg_prompts), tmp_path, max_prompts=2, seed=5, pipe=pipe, log=lambda *_: None)
+    assert (s["generated"], s["skipped"]) == (0, 2)
     with pytest.raises(EvalError, match="not a directory"):
         dpg.run(None, str(tmp_path / "nope"), tmp_path, pipe=pipe)
 
@@ -358,9 +363,36 @@ def test_dpg_shapeworld_cells_are_judged(sw_data: Path, tmp_path: Path) -> None:
     assert s["scores"]["overall"] == pytest.approx(0.75) and s["items"] == len(items)
 
 
+def test_dpg_official_scorer_is_called_with_its_interface(tmp_path: Path) -> None:
+    """ELLA's scorer needs modelscope and mPLUG-large; a stand-in with its command line and result file checks the
+    wrapper (arguments, working directory, parsing of the overall and L1 category scores)."""
+    images = tmp_path / "out" / "images"
+    images.mkdir(parents=True)
+    for item in ("0", "1"):
+        Image.new("RGB", (64, 64)).save(images / f"{item}.png")
+    script = tmp_path / "ELLA" / "dpg_bench" / "compute_dpg_bench.py"
+    script.parent.mkdir(parents=True)
+    (script.parent / "dpg_bench.csv").write_text("item_id,text\n")
+    script.write_text(
+        "import argparse, os\n"
+        "p = argparse.ArgumentParser()\n"
+        "for a in ('--image-root-path', '--resolution', '--csv', '--res-path', '--pic-num', '--vqa-model'): p.add_argument(a)\n"
+        "a = p.parse_args()\n"
+        "assert os.path.isdir('dpg_bench') and a.pic_num == '4' and a.resolution == '32' and a.vqa_model == 'mplug'\n"
+        "assert sorted(os.listdir(a.image_root_path)) == ['0.png', '1.png'] and os.path.isfile(a.csv)\n"
+        "open(a.res_path, 'w').write('x/0.png, 1.0\\nModel: images\\nL1 category scores:\\n\\tentity: 80.0\\n'\n"
+        "                            '\\trelation: 70.0\\nL2 category scores:\\n\\tentity - whole: 80.0\\n'\n"
+        "                            'DPG-Bench score: 75.5\\n')\n")
+    s = dpg.score_official(images, tmp_path / "out", tmp_path / "ELLA", script.parent / "dpg_bench.csv", 32,
+                           log=lambda *_: None)
+    assert s["official"] is True and s["scores"] == {"overall": 0.755, "entity": 0.8, "relation": 0.7}
+    with pytest.raises(EvalError, match="dpg_bench.csv"):
+        dpg.score_official(images, tmp_path / "out", tmp_path / "ELLA", tmp_path / "missing.csv", 32)
+
+
 # ------------------------------------------------------------------------------------ ShapeWorld bench
 def test_shapeworld_bench_counts_and_categories(pipe, sw_data: Path, tmp_path: Path) -> None:
-    r = shapeworld.run(None, sw_data, tmp_path, max_questions=12, max_prompts=4, num_images=2, batch_size=8,
+    r = shapeworld.run(None, sw_data, tmp_path, max_questions=12, max_prompts=3, num_images=2, batch_size=8,
                        pipe=pipe, log=lambda *_: None)
     assert set(r["splits"]) == {"heldin", "heldout"}
     for part in r["splits"].values():
@@ -370,7 +402,7 @@ def test_shapeworld_bench_counts_and_categories(pipe, sw_data: Path, tmp_path: P
         for cat, n in u["counts"].items():
             recs = [x for x in u["records"] if x["category"] == cat]
             assert len(recs) == n and u["scores"][cat] == pytest.approx(sum(x["correct"] for x in recs) / n)
-        assert g["prompts"] == 4 and g["images"] == 8 and sum(g["counts"].values()) == 8
+        assert g["prompts"] == 3 and g["images"] == 6 and sum(g["counts"].values()) == 6
         assert all(Path(f).is_file() for rec in g["records"] for f in rec["images"])
     saved = json.loads((tmp_path / "shapeworld.json").read_text())
     assert saved["splits"]["heldin"]["understanding"]["scores"] == r["splits"]["heldin"]["understanding"]["scores"]
@@ -403,6 +435,21 @@ def test_shapeworld_scoring_is_exact_on_oracles(sw_data: Path) -> None:
         assert s["scores"]["overall"] == 1.0 and all(v == 1.0 for v in s["scores"].values())
         _, s = shapeworld.score_images(specs, [[render(violating_scene(sp, rng), 64)] for sp in specs])
         assert all(v == 0.0 for v in s["scores"].values())
+
+
+def test_shapeworld_judge_fails_texture_read_as_many_shapes() -> None:
+    """An untrained generator paints palette-coloured texture; the detector reads it as 8+ shapes, which would
+    satisfy every "at least one X" prompt. No ShapeWorld scene holds more than MAX_OBJECTS shapes."""
+    from unified_mllm.shapeworld.grade import grade_generation
+    from unified_mllm.shapeworld.scene import BACKGROUND, COLORS, MAX_OBJECTS
+
+    rng = np.random.default_rng(0)
+    palette = np.array(list(COLORS.values()) + [BACKGROUND] * 4, dtype=np.uint8)
+    texture = Image.fromarray(np.kron(palette[rng.integers(0, len(palette), (8, 8))], np.ones((8, 8, 1), np.uint8)))
+    assert len(detect(texture)) > MAX_OBJECTS
+    for shape in ("circle", "square", "triangle", "diamond"):
+        ok, reason = grade_generation(texture, {"tag": "single_object", "include": [{"class": shape, "count": 1}]})
+        assert not ok and "objects detected" in reason
 
 
 def test_shapeworld_bench_bad_input_is_one_clear_error(tmp_path: Path) -> None:
@@ -483,3 +530,8 @@ def test_eval_configs_validate_and_errors_name_the_field(tmp_path: Path) -> None
             load_suite_config(bad)
     proc = python("-m", "eval.suite", "--checkpoint", "x", "--config", str(bad), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "data: environment variable NO_SUCH_VAR_FOR_TEST" in proc.stderr
+    proc = python("-m", "eval.suite", "--checkpoint", str(tmp_path / "none"), "--config", "eval_configs/shapeworld.yaml",
+                  "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --checkpoint {tmp_path / 'none'}: no unified_config.json there; pass the export directory of a "
+        "trained stage, e.g. runs/quickstart/t2i/export"]

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from PIL import Image
 
 from unified_mllm.shapeworld.judge import Detection, detect
-from unified_mllm.shapeworld.scene import holds
+from unified_mllm.shapeworld.scene import MAX_OBJECTS, holds
 
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
@@ -22,6 +22,8 @@ GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position",
 def grade_generation(image: Image.Image | list[Detection], spec: dict) -> tuple[bool, str]:
     """Whether ``image`` satisfies ``spec``, with the reason when it does not."""
     dets = image if isinstance(image, list) else detect(image)
+    if len(dets) > MAX_OBJECTS:  # texture or noise read as many shapes would pass every "at least N" clause
+        return False, f"{len(dets)} objects detected; a ShapeWorld scene holds at most {MAX_OBJECTS}"
     for req in spec.get("include", []):
         matches = [d for d in dets if d.shape == req["class"] and ("color" not in req or d.color == req["color"])]
         what = f"{req.get('color', '') + ' ' if 'color' in req else ''}{req['class']}"
