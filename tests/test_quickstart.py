@@ -12,22 +12,42 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(out: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "unified_mllm.quickstart", "--out", str(out), "--fast"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+                          capture_output=True, text=True, cwd=ROOT, timeout=1800)
 
 
 def test_fast_quickstart_runs_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "qs"
     first = run(out)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    for step in ("data", "configs", "teacher", "tokenizer", "probe"):
+    steps = ("data", "configs", "teacher", "tokenizer", "probe", "text_tokenizer", "pretokenize", "align", "mixed",
+             "eval", "report")
+    for step in steps:
         assert (out / ".done" / step).is_file(), step
     assert (out / "wintok" / "model.safetensors").is_file()
     assert set(json.loads((out / "timings.json").read_text())) >= {"data", "teacher", "tokenizer", "probe"}
     probe = json.loads((out / "wintok_train" / "probe.json").read_text())
     assert {"kind", "colour", "count"} <= set(probe)
+    # the MLLM stages ran under the DeepSpeed launcher and exported; the suite and the report are complete
+    for stage in ("align", "mixed"):
+        assert (out / stage / "export" / "unified_config.json").is_file()
+        assert (out / stage / "metrics.jsonl").read_text().strip()
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert {p: v["status"] for p, v in summary["parts"].items()} == {
+        "shapeworld": "ok", "lmms_eval": "ok", "geneval": "ok", "dpg": "ok"}
+    for entry in summary["entries"]:
+        assert {"benchmark", "split", "metric", "value", "samples", "scorer", "official"} <= set(entry)
+    got = {(e["benchmark"], e["split"], e["metric"]) for e in summary["entries"]}
+    for direction in ("understanding", "generation"):
+        for split in ("heldin", "heldout"):
+            assert (f"shapeworld_{direction}", split, "overall") in got
+    assert (out / "eval" / "samples.png").is_file() and (out / "loss_curves.png").is_file()
+    report = (out / "report.md").read_text()
+    for heading in ("## Steps", "## Loss curves", "## Targets", "## Scores"):
+        assert heading in report
+    assert "understanding overall (held-in)" in report and "generation single object (held-in)" in report
     second = run(out)
     assert second.returncode == 0
-    assert second.stdout.count("already done") == 5
+    assert second.stdout.count("already done") == len(steps)
 
 
 def test_failed_step_names_itself_and_how_to_resume(tmp_path: Path) -> None:
