@@ -191,8 +191,9 @@ def test_lmms_eval_loglikelihood_is_the_negative_log_likelihood(pipe, export, ta
                   "shapeworld_mc_heldin,shapeworld_pope_heldin", "--limit", "3", "--log_samples",
                   "--output_path", str(out), env=lmms_env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (results,) = out.rglob("*_results.json")
-    res = json.loads(results.read_text())
+    found = list(out.rglob("*_results.json"))
+    assert len(found) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(found[0].read_text())
     assert res["n-samples"]["shapeworld_mc_heldin"]["effective"] == 3
     docs = _docs(task_dir, "shapeworld_mc_heldin")
     hits = []

@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--chain: unknown MLLM stage {stage!r} (valid: align, sft, t2i, mixed)")
     done_dir = Path(args.out) / ".done"
     done_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    timing_file = Path(args.out) / "timings.json"
+    timings: dict[str, float] = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     for step in steps_for(args):
         marker = done_dir / step.name
         if marker.exists():
@@ -251,15 +252,14 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         timings[step.name] = round(time.time() - t0, 1)
+        # written after every step, so the report step (and a run killed midway) sees the times so far
+        timing_file.write_text(json.dumps(timings, indent=2) + "\n")
         marker.write_text(summary + "\n")
         print(f"[quickstart] {step.name}: {summary} ({timings[step.name]} s)")
     else:
         print("[quickstart] every step is done" + (f"; not built yet: {', '.join(NOT_BUILT_YET)}" if NOT_BUILT_YET
                                                    else f"; report: {Path(args.out) / 'report.md'}"))
-    timing_file = Path(args.out) / "timings.json"
-    previous = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
-    timing_file.write_text(json.dumps({**previous, **timings}, indent=2) + "\n")
-    print(f"[quickstart] step timings (s): {json.dumps({**previous, **timings})}")
+    print(f"[quickstart] step timings (s): {json.dumps(timings)}")
     return 0
 
 
