@@ -123,7 +123,8 @@ def test_inspect_prints_each_source_with_its_loss_mask(world: dict) -> None:
                "--tokenizer", str(world["root"] / "tok"), "--wintok", str(world["root"] / "wt")], world)
     assert res.returncode == 0, res.stderr
     assert "== shapeworld_vqa (understanding" in res.stdout and "== shapeworld_t2i (generation" in res.stdout
-    assert "[<image>×4]" in res.stdout and "[<image_gen>×16] <eoi>" in res.stdout
+    assert "[<image>×4]" in res.stdout and "{<image_gen>×16} <eoi>" in res.stdout
+    assert "16 image positions for the generation head" in res.stdout
 
 
 def test_lora_with_gradient_checkpointing_trains_and_exports_merged(world: dict, tmp_path: Path) -> None:

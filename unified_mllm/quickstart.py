@@ -112,7 +112,7 @@ def _env(args: argparse.Namespace) -> dict:
 def step_text_tokenizer(args: argparse.Namespace) -> str:
     out = Path(args.out) / "text_tokenizer"
     run_cmd([sys.executable, "-m", "unified_mllm.data.text_tokenizer", "--recipe", "data_recipes/shapeworld_mixed.yaml",
-             "--out", str(out), "--vocab-size", "256" if args.fast else "512"], env=_env(args))
+             "--out", str(out), "--vocab-size", "384" if args.fast else "768"], env=_env(args))
     return f"SentencePiece text tokenizer trained on the ShapeWorld texts → {out}"
 
 

@@ -1,5 +1,6 @@
-"""Print one sample of every recipe source as text with its loss mask: learned tokens plain, masked ones in [brackets],
-runs of image slots collapsed.
+"""Print one sample of every recipe source as text with its loss mask: learned text tokens plain, masked ones in
+[brackets], image-generation slots (whose WinTok codes the generation head learns) in {braces}, runs of image slots
+collapsed.
 
     python -m unified_mllm.data.inspect --recipe data_recipes/shapeworld_mixed.yaml --tokenizer DIR --wintok DIR
 """
@@ -17,6 +18,8 @@ from unified_mllm.data.sources import read_source
 from unified_mllm.data.templates import resolve_template
 from unified_mllm.tokens import add_special_tokens
 
+GEN_SLOT = "<image_gen>"
+
 
 def render_sample(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     pieces, i = [], 0
@@ -26,7 +29,10 @@ def render_sample(tokenizer, input_ids: list[int], labels: list[int]) -> str:
         while j + 1 < len(tokens) and tokens[j + 1] == tokens[i] and tokens[i] in ("<image>", "<image_gen>"):
             j += 1
         text = tokens[i] + (f"×{j - i + 1}" if j > i else "")
-        pieces.append(text if labels[i] != IGNORE else f"[{text}]")
+        if tokens[i] == GEN_SLOT:
+            pieces.append(f"{{{text}}}")  # the codes of these slots are the generation head's targets
+        else:
+            pieces.append(text if labels[i] != IGNORE else f"[{text}]")
         i = j + 1
     return " ".join(pieces)
 
@@ -44,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", default="sft")
     p.add_argument("--understanding-input", default="semantic", choices=["semantic", "pixel", "both"])
     a = p.parse_args(argv)
+    print("legend: learned text tokens plain, [masked], {image codes learned by the generation head}")
     try:
         recipe = load_recipe(a.recipe)
         tok = AutoTokenizer.from_pretrained(a.tokenizer)
@@ -61,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"== {src.name} ({src.task}): first record skipped: {e}")
                 continue
             n_learn = sum(lab != IGNORE for lab in sample.labels)
-            print(f"== {src.name} ({src.task}, {src.format}): {len(sample.input_ids)} tokens, {n_learn} learned")
+            n_codes = sample.input_ids.count(tok.convert_tokens_to_ids(GEN_SLOT))
+            codes = f", {n_codes} image positions for the generation head" if n_codes else ""
+            print(f"== {src.name} ({src.task}, {src.format}): {len(sample.input_ids)} tokens, {n_learn} learned text "
+                  f"tokens{codes}")
             print(render_sample(tok, sample.input_ids, sample.labels))
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,7 +3,9 @@
     python -m unified_mllm.data.text_tokenizer --recipe data_recipes/shapeworld_mixed.yaml --out DIR --vocab-size 512
 
 The tiny ShapeWorld LLM uses it; real runs use the LLM's own tokenizer. The directory loads with
-``AutoTokenizer.from_pretrained(DIR)`` and carries a ChatML chat template.
+``AutoTokenizer.from_pretrained(DIR)`` and carries a ChatML chat template. Byte fallback is on: a character the
+ShapeWorld text never showed (a capital in a user's question, an emoji) becomes its UTF-8 bytes instead of vanishing,
+so every text round-trips; the 256 byte pieces count in the vocabulary size.
 """
 
 from __future__ import annotations
@@ -43,11 +45,18 @@ def train_text_tokenizer(texts: list[str], out: str | Path, vocab_size: int = 51
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
-        corpus.write_text("\n".join(texts + ["user assistant system"] * 10) + "\n")
+        text = "\n".join(texts + ["user assistant system"] * 10) + "\n"
+        corpus.write_text(text)
+        # every character of the corpus, the 256 byte pieces, <unk>/<s>/</s> and the template symbols need a slot
+        minimum = len(set(text) - {"\n"}) + 256 + 3 + len(TEMPLATE_SYMBOLS)
+        if vocab_size < minimum:
+            print(f"[text_tokenizer] vocabulary size {vocab_size} raised to {minimum} (256 byte-fallback pieces + the "
+                  f"corpus characters + special symbols)")
+            vocab_size = minimum
         spm.SentencePieceTrainer.train(
             input=str(corpus), model_prefix=str(Path(tmp) / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
             user_defined_symbols=TEMPLATE_SYMBOLS, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
-            character_coverage=1.0, minloglevel=2)
+            character_coverage=1.0, byte_fallback=True, minloglevel=2)
         staging = Path(tmp) / "hf"
         staging.mkdir()
         (staging / "tokenizer.model").write_bytes((Path(tmp) / "tokenizer.model").read_bytes())

@@ -1,0 +1,94 @@
+"""Run the four MLLM stages on ShapeWorld-tiny under the DeepSpeed launcher and print each stage's loss at start
+and end, tokens/s and wall time — per ZeRO configuration.
+
+    python scripts/stage_table.py [--run runs/quickstart] [--zero zero2,zero3] [--procs 2] [--steps 40]
+                                  [--out /tmp/stage_table]
+
+Needs what the quickstart made under ``--run`` (ShapeWorld data, WinTok export, text tokenizer, pretokenize cache);
+``bash scripts/quickstart.sh`` (or its steps up to ``pretokenize``) makes them. Each ZeRO configuration runs the
+chain align → sft → t2i → mixed, every stage initialised from the previous one's export (``model.init_from``),
+with ``--procs`` processes under ``deepspeed --num_gpus``. Loss at start is step 1's; tokens/s is the mean of
+the logged windows after step 2. Prints a Markdown table and writes it with the raw
+figures to ``<out>/stage_table.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAIN = ("align", "sft", "t2i", "mixed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default="runs/quickstart", help="the quickstart's run directory")
+    p.add_argument("--zero", default="zero2,zero3", help="stage_configs/deepspeed/<name>.json, comma-separated")
+    p.add_argument("--procs", type=int, default=2, help="processes per stage (deepspeed --num_gpus)")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per stage")
+    p.add_argument("--out", default="/tmp/stage_table")
+    a = p.parse_args(argv)
+    run, out = Path(a.run).resolve(), Path(a.out).resolve()
+    for need in ("wintok", "text_tokenizer", "data/shapeworld", "pretokenized"):
+        if not (run / need).exists():
+            print(f"error: {run / need} is missing; run `bash scripts/quickstart.sh` first (or --run DIR)",
+                  file=sys.stderr)
+            return 2
+    env = {**os.environ, "SHAPEWORLD_DIR": str(run / "data" / "shapeworld"),
+           "UMLLM_PRETOKENIZED": str(run / "pretokenized")}
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    rows = []
+    for zero in [z.strip() for z in a.zero.split(",") if z.strip()]:
+        prev = None
+        for stage in CHAIN:
+            stage_out = out / zero / stage
+            sets = [f"model.wintok={run / 'wintok'}", f"model.llm.text_tokenizer={run / 'text_tokenizer'}",
+                    f"model.init_from={prev / 'export' if prev else 'null'}", f"checkpoint.output_dir={stage_out}",
+                    f"deepspeed.config=stage_configs/deepspeed/{zero}.json", f"optim.max_steps={a.steps}",
+                    "checkpoint.resume=never", f"checkpoint.save_every={a.steps}", "logging.log_every=1",
+                    "logging.progress_bar=false"]
+            cmd = [deepspeed, "--num_gpus", str(a.procs), "--master_port", str(free_port()),
+                   str(ROOT / "train_stage.py"), "--stage", stage]
+            for s in sets:
+                cmd += ["--set", s]
+            print(f"[stage_table] {zero} {stage}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+            t0 = time.time()
+            res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            wall = time.time() - t0
+            if res.returncode != 0 or not (stage_out / "export").is_dir():
+                print(res.stdout[-3000:] + res.stderr[-3000:], file=sys.stderr)
+                print(f"error: {zero} {stage} failed (exit {res.returncode})", file=sys.stderr)
+                return 1
+            recs = [json.loads(x) for x in (stage_out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            recs = [r for r in recs if "loss" in r]
+            tps = [r["tokens_per_s"] for r in recs[2:] if "tokens_per_s" in r]  # past the first steps' warm-up
+            rows.append({"zero": zero, "stage": stage, "procs": a.procs, "steps": recs[-1]["step"],
+                         "loss_start": recs[0]["loss"], "loss_end": recs[-1]["loss"],
+                         "tokens_per_s": sum(tps) / max(len(tps), 1), "wall_s": wall})
+            prev = stage_out
+    lines = ["| ZeRO | stage | processes | steps | loss at start | loss at end | tokens/s | wall s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['zero']} | {r['stage']} | {r['procs']} | {r['steps']} | {r['loss_start']:.3f} | "
+              f"{r['loss_end']:.3f} | {r['tokens_per_s']:.0f} | {r['wall_s']:.0f} |" for r in rows]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stage_table.md").write_text("\n".join(lines) + "\n")
+    (out / "stage_table.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
