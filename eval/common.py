@@ -23,7 +23,7 @@ def load_pipeline(checkpoint: str | Path, device: str = "auto", dtype: str = "au
     path = Path(checkpoint)
     if not path.is_dir():
         raise EvalError(f"--checkpoint {checkpoint}: not a directory; pass the export directory of a trained stage "
-                        "(it holds unified_config.json), e.g. runs/quickstart/t2i/export")
+                        "(it holds unified_config.json), e.g. runs/quickstart/mixed/export")
     try:
         return UnifiedPipeline.from_pretrained(path, device=device, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
@@ -106,3 +106,19 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def balanced_head(rows: list[dict], limit: int | None, key: str = "tag") -> list[dict]:
+    """The first ``limit`` rows taken round-robin over ``key`` (file order within each value), so a limit smaller
+    than the file keeps every category: the files list 50 prompts of one tag, then the next tag."""
+    if not limit or limit >= len(rows):
+        return rows
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(str(r[key]), []).append(r)
+    picked: list[dict] = []
+    for i in range(max(len(g) for g in groups.values())):
+        for g in groups.values():
+            if i < len(g) and len(picked) < limit:
+                picked.append(g[i])
+    return picked

@@ -31,7 +31,16 @@ from pathlib import Path
 
 from PIL import Image
 
-from eval.common import EvalError, load_pipeline, natural_key, read_jsonl, run_cli, save_png, write_json
+from eval.common import (
+    EvalError,
+    balanced_head,
+    load_pipeline,
+    natural_key,
+    read_jsonl,
+    run_cli,
+    save_png,
+    write_json,
+)
 
 GRID = 2
 NUM_CELLS = GRID * GRID
@@ -57,7 +66,7 @@ def read_prompts(folder: str | Path, max_prompts: int | None = None, log=print) 
 
 
 def shapeworld_prompts(metadata: str | Path, max_prompts: int | None = None) -> tuple[list[tuple[str, str]], dict]:
-    records = read_jsonl(metadata, required=("prompt", "tag"))[:max_prompts]
+    records = balanced_head(read_jsonl(metadata, required=("prompt", "tag")), max_prompts)
     items = [(f"sw{i:05d}", r["prompt"]) for i, r in enumerate(records)]
     return items, {item_id: r for (item_id, _), r in zip(items, records)}
 

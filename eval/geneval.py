@@ -31,7 +31,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from eval.common import EvalError, load_pipeline, read_jsonl, run_cli, save_png, write_json
+from eval.common import EvalError, balanced_head, load_pipeline, read_jsonl, run_cli, save_png, write_json
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 SCORERS = ("auto", "official", "shapeworld", "none")
@@ -56,8 +56,7 @@ def is_finished(out: Path, index: int, record: dict, num_images: int) -> bool:
 
 
 def read_metadata(path: str | Path, max_prompts: int | None = None) -> list[dict]:
-    records = read_jsonl(path, required=("prompt", "tag"))
-    return records[:max_prompts] if max_prompts else records
+    return balanced_head(read_jsonl(path, required=("prompt", "tag")), max_prompts)
 
 
 def _consecutive_runs(indices: list[int], size: int) -> list[list[int]]:

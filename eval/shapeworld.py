@@ -1,7 +1,7 @@
 """ShapeWorld bench: understanding accuracy per category and GenEval-style generation accuracy per category,
 on the held-in and held-out splits, scored exactly and offline.
 
-    python -m eval.shapeworld --checkpoint runs/quickstart/t2i/export --data runs/quickstart/data/shapeworld \\
+    python -m eval.shapeworld --checkpoint runs/quickstart/mixed/export --data runs/quickstart/data/shapeworld \\
         [--splits heldin,heldout] [--max-questions 200] [--max-prompts 40] [--out runs/quickstart/eval/shapeworld]
 
 Understanding: the questions of ``vqa_<split>.jsonl`` (presence yes/no, counting, colour, shape, position,
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from eval.common import EvalError, load_pipeline, read_jsonl, run_cli, save_png, write_json
+from eval.common import EvalError, balanced_head, load_pipeline, read_jsonl, run_cli, save_png, write_json
 
 SPLITS = ("heldin", "heldout")
 
@@ -43,7 +43,8 @@ def read_prompts(data: str | Path, split: str, limit: int | None = None) -> list
     path = Path(data) / f"geneval_{split}.jsonl"
     if not path.is_file():
         raise EvalError(f"{path}: not found; write ShapeWorld data with `python -m unified_mllm.shapeworld`")
-    return read_jsonl(path, required=("prompt", "tag"))[:limit]
+    return balanced_head(read_jsonl(path, required=("prompt", "tag")), limit)
+
 
 
 # ------------------------------------------------------------------------------------------- scoring

@@ -26,10 +26,11 @@ import json
 import sys
 from pathlib import Path
 
+from unified_mllm.shapeworld.text import SHORT_ANSWER
+
 KINDS = ("pope", "vqa", "mmbench", "mc")
 SPLITS = ("heldin", "heldout")
 VQA_CATEGORIES = ("counting", "color", "shape", "position")
-SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
 
 _YAML = {

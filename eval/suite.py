@@ -1,6 +1,6 @@
 """One command for a configured set of evaluations, one summary.
 
-    python -m eval.suite --checkpoint runs/quickstart/t2i/export --config eval_configs/shapeworld.yaml \\
+    python -m eval.suite --checkpoint runs/quickstart/mixed/export --config eval_configs/shapeworld.yaml \\
         --out runs/quickstart/eval [--set shapeworld.max_questions=100 ...]
 
 Writes ``OUT/summary.json`` and ``OUT/summary.md`` — every number with its benchmark, split, metric, sample
@@ -174,7 +174,7 @@ def write_samples_grid(path: Path, samples: list[tuple[str, str]], limit: int) -
 def run_suite(checkpoint: str, cfg: SuiteConfig, out: str | Path, config_name: str = "", log=print) -> dict:
     if not (Path(checkpoint) / "unified_config.json").is_file():
         raise EvalError(f"--checkpoint {checkpoint}: no unified_config.json there; pass the export directory of a "
-                        "trained stage, e.g. runs/quickstart/t2i/export")
+                        "trained stage, e.g. runs/quickstart/mixed/export")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = None

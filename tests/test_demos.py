@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -26,6 +27,10 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> Path:
+    """A tiny random model; UMLLM_DEMO_CHECKPOINT=DIR drives both demos against a trained export instead (e.g.
+    the quickstart's runs/quickstart/mixed/export)."""
+    if os.environ.get("UMLLM_DEMO_CHECKPOINT"):
+        return Path(os.environ["UMLLM_DEMO_CHECKPOINT"]).resolve()
     root = tmp_path_factory.mktemp("demo")
     model, tok, _ = build(make_assets(root / "assets"))
     return save_pretrained(model, tok, root / "export")
@@ -57,7 +62,8 @@ def test_cli_chat_session(export: Path, scene_png: Path, tmp_path: Path) -> None
     assert any(line.startswith(f"[cannot use that image: {tmp_path / 'broken.png'}: unreadable image") for line in lines)
     drew = next(line for line in lines if line.startswith("[drew "))
     paths = [Path(p) for p in drew[len("[drew "):-1].split(", ")]
-    assert len(paths) == 2 and all(Image.open(p).size == (32, 32) for p in paths)
+    side = json.loads((export / "wintok" / "config.json").read_text())["image_size"]
+    assert len(paths) == 2 and all(Image.open(p).size == (side, side) for p in paths)
     assert "[unknown command /bogus; /help lists them]" in lines and "[conversation cleared]" in lines
     assert "Traceback" not in out.stderr
 

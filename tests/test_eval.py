@@ -536,3 +536,18 @@ def test_eval_configs_validate_and_errors_name_the_field(tmp_path: Path) -> None
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: --checkpoint {tmp_path / 'none'}: no unified_config.json there; pass the export directory of a "
         "trained stage, e.g. runs/quickstart/t2i/export"]
+
+
+def test_prompt_limits_keep_every_category(tmp_path: Path) -> None:
+    """ShapeWorld and GenEval metadata list each tag's prompts together; a max_prompts smaller than the file must
+    still sample every tag (it used to take the first tag only: a "generation overall" of single objects)."""
+
+    tags = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
+    path = tmp_path / "geneval_heldin.jsonl"
+    path.write_text("".join(json.dumps({"tag": t, "prompt": f"{t} {i}", "include": []}) + "\n"
+                            for t in tags for i in range(50)))
+    for records in (geneval.read_metadata(path, 12), shapeworld.read_prompts(tmp_path, "heldin", 12)):
+        assert [r["tag"] for r in records] == tags * 2
+    items, by_id = dpg.shapeworld_prompts(path, 7)
+    assert len(items) == 7 and {r["tag"] for r in by_id.values()} == set(tags)
+    assert len(geneval.read_metadata(path)) == 300

@@ -1,6 +1,6 @@
 """Chat with a trained unified model in the terminal: questions about images, and drawings.
 
-    python -m unified_mllm.chat --checkpoint runs/quickstart/t2i/export
+    python -m unified_mllm.chat --checkpoint runs/quickstart/mixed/export
 
 Type a message to talk; ``/image PATH [question]`` attaches an image; ``/draw PROMPT`` draws (PNG paths are
 printed); ``/help`` lists the commands.

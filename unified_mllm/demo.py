@@ -1,7 +1,7 @@
 """Web demo (Gradio, the ``demo`` extra): chat about uploaded images, and a tab that draws from a prompt.
 
     pip install -e '.[demo]'      # or: bash scripts/setup_env.sh demo
-    python -m unified_mllm.demo --checkpoint runs/quickstart/t2i/export [--host 127.0.0.1] [--port 7860]
+    python -m unified_mllm.demo --checkpoint runs/quickstart/mixed/export [--host 127.0.0.1] [--port 7860]
 
 Binds to 127.0.0.1 unless ``--host`` says otherwise (``--host 0.0.0.0`` exposes it to the network).
 """

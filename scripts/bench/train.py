@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 # The ShapeWorld WinTok preset of stage_configs/tokenizer.yaml (random weights: throughput does not depend on them).
-WINTOK_PRESET = dict(image_size=64, patch_size=8, hidden_size=128, num_layers=3, decoder_num_layers=3,
+WINTOK_PRESET = dict(image_size=64, patch_size=8, hidden_size=64, num_layers=2, decoder_num_layers=2, semantic_dim=128,
                      num_semantic_tokens=16, codebook_size=256)
 ZERO_MODES = ("zero2", "zero3", "zero3_offload")
 

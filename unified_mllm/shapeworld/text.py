@@ -149,12 +149,21 @@ def question(scene: Scene, rng: random.Random, category: str | None = None) -> t
     return _counting(scene, rng)
 
 
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+"""LLaVA-1.5's instruction for short answers, which lmms-eval's POPE, TextVQA and GQA tasks append to each question."""
+
+
 def conversation(scene: Scene, rng: random.Random, max_turns: int = 3) -> list[dict]:
-    """A LLaVA-style conversation of 1–max_turns questions; the image is placed in the first turn."""
+    """A LLaVA-style conversation of 1–max_turns questions; the image is placed in the first turn. Half of the open
+    questions carry :data:`SHORT_ANSWER`, as in LLaVA-1.5's VQA data, so a model trained on them answers the
+    benchmarks' prompt format the same way (without it, the tiny model read the trailing instruction as the
+    multiple-choice one and answered "A")."""
     turns = rng.randint(1, max_turns)
     conv: list[dict] = []
     for i in range(turns):
-        q, a, _ = question(scene, rng)
+        q, a, spec = question(scene, rng)
+        if spec.get("category") != "multiple_choice" and rng.random() < 0.5:
+            q += SHORT_ANSWER
         conv.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + q})
         conv.append({"from": "gpt", "value": a})
     return conv
