@@ -5,7 +5,8 @@ and end, tokens/s and wall time — per ZeRO configuration.
                                   [--out /tmp/stage_table]
 
 Needs what the quickstart made under ``--run`` (ShapeWorld data, WinTok export, text tokenizer, pretokenize cache);
-``bash scripts/quickstart.sh`` (or its steps up to ``pretokenize``) makes them. Each ZeRO configuration runs the
+``bash scripts/quickstart.sh`` (or its steps up to ``pretokenize``) makes them; the recipes of the stages the
+quickstart did not run are pretokenized first (reusing the cached encodings). Each ZeRO configuration runs the
 chain align → sft → t2i → mixed, every stage initialised from the previous one's export (``model.init_from``),
 with ``--procs`` processes under ``deepspeed --num_gpus``. Loss at start is step 1's; tokens/s is the mean of
 the logged windows after step 2. Prints a Markdown table and writes it with the raw
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zero", default="zero2,zero3", help="stage_configs/deepspeed/<name>.json, comma-separated")
     p.add_argument("--procs", type=int, default=2, help="processes per stage (deepspeed --num_gpus)")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per stage")
+    p.add_argument("--stages", default=",".join(CHAIN), help="a part of the chain, in order")
+    p.add_argument("--init-from", default=None, help="export that the first stage starts from (default: none)")
     p.add_argument("--out", default="/tmp/stage_table")
     a = p.parse_args(argv)
     run, out = Path(a.run).resolve(), Path(a.out).resolve()
@@ -49,11 +52,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     env = {**os.environ, "SHAPEWORLD_DIR": str(run / "data" / "shapeworld"),
            "UMLLM_PRETOKENIZED": str(run / "pretokenized")}
+    sys.path.insert(0, str(ROOT))
+    from unified_mllm.config import load_stage_config
+
+    stages = [x.strip() for x in a.stages.split(",") if x.strip()]
+    for recipe in dict.fromkeys(load_stage_config(stage).data.recipe for stage in stages):
+        # the quickstart caches only its own chain's recipes; this reuses their encodings and is quick
+        subprocess.run([sys.executable, "-m", "unified_mllm.data.pretokenize", "--recipe", recipe, "--wintok",
+                        str(run / "wintok")], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     rows = []
     for zero in [z.strip() for z in a.zero.split(",") if z.strip()]:
-        prev = None
-        for stage in CHAIN:
+        prev = Path(a.init_from).resolve().parent if a.init_from else None
+        for stage in stages:
             stage_out = out / zero / stage
             sets = [f"model.wintok={run / 'wintok'}", f"model.llm.text_tokenizer={run / 'text_tokenizer'}",
                     f"model.init_from={prev / 'export' if prev else 'null'}", f"checkpoint.output_dir={stage_out}",

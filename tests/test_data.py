@@ -527,3 +527,17 @@ def test_text_tokenizer_round_trips_characters_it_never_saw(tmp_path: Path) -> N
         assert tok.decode(ids) == text
         assert tok.unk_token_id not in ids
     assert len(tok) >= 256 + 3 + 2
+
+
+def test_every_rank_draws_the_same_task_sequence(pretokenized_mixture) -> None:
+    """Ranks read different records (so packing fits different numbers of samples) but must agree on each
+    micro-batch's task: ranks on different tasks run different modules, and under ZeRO-3 their parameter
+    all-gathers stop matching — the two-process align and mixed stages hung at step 2 before this."""
+    recipe, builder, features = pretokenized_mixture
+    cfg = load_config(DataConfig, {"max_seq_len": 160, "packing": True, "num_workers": 0})
+    ranks = [DataStream(cfg, recipe, builder, features, micro_batch_size=2, seed=5, rank=r, world_size=2)
+             for r in range(2)]
+    batches = [[next(s) for _ in range(20)] for s in ranks]
+    assert [b["records"] for b in batches[0]] != [b["records"] for b in batches[1]]
+    assert [b["task"] for b in batches[0]] == [b["task"] for b in batches[1]]
+    assert {b["task"] for b in batches[0]} == {"understanding", "generation"}

@@ -54,6 +54,11 @@ class DataStream:
             raise ValueError(f"optim.task_ratio: none of {sorted(task_ratio or {})} is a task of {recipe_path} "
                              f"(tasks: {sorted(by_task)})")
         self.rng = random.Random(f"{seed}:mixture")
+        # The task of each micro-batch is drawn from its own generator, one draw per batch, so every rank draws the
+        # same task sequence: the source draws above vary per rank (packing fits a different number of samples), and
+        # ranks on different tasks run different modules — under ZeRO-3 their parameter all-gathers then no longer
+        # match and the run hangs at step 2.
+        self.task_rng = random.Random(f"{seed}:tasks")
         self.cursor = {name: 0 for name in self.records}
         self.epoch = {name: 0 for name in self.records}
         self.skipped: dict[str, int] = defaultdict(int)
@@ -155,7 +160,7 @@ class DataStream:
         return self
 
     def __next__(self) -> dict:
-        task = self.rng.choices(list(self.task_weights), weights=list(self.task_weights.values()))[0]
+        task = self.task_rng.choices(list(self.task_weights), weights=list(self.task_weights.values()))[0]
         rows: list[list] = []
         pending = None
         while len(rows) < self.micro_batch_size:
@@ -181,12 +186,15 @@ class DataStream:
             self.cursor[name] -= 1
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate(), "cursor": dict(self.cursor), "epoch": dict(self.epoch),
-                "skipped": dict(self.skipped)}
+        return {"rng": self.rng.getstate(), "task_rng": self.task_rng.getstate(), "cursor": dict(self.cursor),
+                "epoch": dict(self.epoch), "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:
         rng = state["rng"]
         self.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+        if "task_rng" in state:  # checkpoints written before the task generator existed resume without it
+            t = state["task_rng"]
+            self.task_rng.setstate((t[0], tuple(t[1]), t[2]))
         self.cursor, self.epoch = dict(state["cursor"]), dict(state["epoch"])
         self.skipped = defaultdict(int, state.get("skipped", {}))
 
