@@ -190,11 +190,10 @@ class DataStream:
                 "epoch": dict(self.epoch), "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:
-        rng = state["rng"]
-        self.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
-        if "task_rng" in state:  # checkpoints written before the task generator existed resume without it
-            t = state["task_rng"]
-            self.task_rng.setstate((t[0], tuple(t[1]), t[2]))
+        for name in ("rng", "task_rng"):  # checkpoints written before task_rng existed resume without it
+            if name in state:
+                version, internal, gauss = state[name]  # JSON turns the state's tuple into a list
+                getattr(self, name).setstate((version, tuple(internal), gauss))
         self.cursor, self.epoch = dict(state["cursor"]), dict(state["epoch"])
         self.skipped = defaultdict(int, state.get("skipped", {}))
 
