@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,12 +25,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAIN = ("align", "sft", "t2i", "mixed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,27 +47,21 @@ def main(argv: list[str] | None = None) -> int:
            "UMLLM_PRETOKENIZED": str(run / "pretokenized")}
     sys.path.insert(0, str(ROOT))
     from unified_mllm.config import load_stage_config
+    from unified_mllm.quickstart import launcher_command, stage_summary
 
     stages = [x.strip() for x in a.stages.split(",") if x.strip()]
     for recipe in dict.fromkeys(load_stage_config(stage).data.recipe for stage in stages):
         # the quickstart caches only its own chain's recipes; this reuses their encodings and is quick
         subprocess.run([sys.executable, "-m", "unified_mllm.data.pretokenize", "--recipe", recipe, "--wintok",
                         str(run / "wintok")], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
     rows = []
     for zero in [z.strip() for z in a.zero.split(",") if z.strip()]:
-        prev = Path(a.init_from).resolve().parent if a.init_from else None
+        prev = Path(a.init_from).resolve() if a.init_from else None
         for stage in stages:
             stage_out = out / zero / stage
-            sets = [f"model.wintok={run / 'wintok'}", f"model.llm.text_tokenizer={run / 'text_tokenizer'}",
-                    f"model.init_from={prev / 'export' if prev else 'null'}", f"checkpoint.output_dir={stage_out}",
-                    f"deepspeed.config=stage_configs/deepspeed/{zero}.json", f"optim.max_steps={a.steps}",
-                    "checkpoint.resume=never", f"checkpoint.save_every={a.steps}", "logging.log_every=1",
-                    "logging.progress_bar=false"]
-            cmd = [deepspeed, "--num_gpus", str(a.procs), "--master_port", str(free_port()),
-                   str(ROOT / "train_stage.py"), "--stage", stage]
-            for s in sets:
-                cmd += ["--set", s]
+            cmd = launcher_command(run, stage, stage_out, prev, zero=zero, procs=a.procs, extra=[
+                f"optim.max_steps={a.steps}", "checkpoint.resume=never", f"checkpoint.save_every={a.steps}",
+                "logging.log_every=1"])
             print(f"[stage_table] {zero} {stage}: {' '.join(cmd)}", file=sys.stderr, flush=True)
             t0 = time.time()
             res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -83,13 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(res.stdout[-3000:] + res.stderr[-3000:], file=sys.stderr)
                 print(f"error: {zero} {stage} failed (exit {res.returncode})", file=sys.stderr)
                 return 1
-            recs = [json.loads(x) for x in (stage_out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-            recs = [r for r in recs if "loss" in r]
-            tps = [r["tokens_per_s"] for r in recs[2:] if "tokens_per_s" in r]  # past the first steps' warm-up
-            rows.append({"zero": zero, "stage": stage, "procs": a.procs, "steps": recs[-1]["step"],
-                         "loss_start": recs[0]["loss"], "loss_end": recs[-1]["loss"],
-                         "tokens_per_s": sum(tps) / max(len(tps), 1), "wall_s": wall})
-            prev = stage_out
+            rows.append({"zero": zero, "stage": stage, "procs": a.procs, **stage_summary(stage_out / "metrics.jsonl"),
+                         "wall_s": wall})
+            prev = stage_out / "export"
     lines = ["| ZeRO | stage | processes | steps | loss at start | loss at end | tokens/s | wall s |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['zero']} | {r['stage']} | {r['procs']} | {r['steps']} | {r['loss_start']:.3f} | "

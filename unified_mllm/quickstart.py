@@ -143,20 +143,36 @@ def _free_port() -> int:
 FAST_STAGE = ["optim.max_steps=6", "optim.micro_batch_size=4", "checkpoint.save_every=3", "logging.log_every=1"]
 
 
-def stage_command(args: argparse.Namespace, stage: str, prev: str | None) -> list[str]:
-    """The DeepSpeed-launcher command of one MLLM stage of the chain (ZeRO-2, one process)."""
-    out = Path(args.out)
-    sets = [f"model.wintok={out / 'wintok'}", f"model.llm.text_tokenizer={out / 'text_tokenizer'}",
-            f"model.init_from={out / prev / 'export' if prev else 'null'}", f"checkpoint.output_dir={out / stage}",
-            "deepspeed.config=stage_configs/deepspeed/zero2.json", "logging.progress_bar=false"]
-    if args.fast:
-        sets += FAST_STAGE
+def launcher_command(run: Path, stage: str, output_dir: Path, init_from: Path | None, zero: str = "zero2",
+                     procs: int = 1, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The DeepSpeed-launcher command of one MLLM stage on a quickstart run's WinTok and text tokenizer (also used by
+    scripts/stage_table.py)."""
+    sets = [f"model.wintok={run / 'wintok'}", f"model.llm.text_tokenizer={run / 'text_tokenizer'}",
+            f"model.init_from={init_from if init_from else 'null'}", f"checkpoint.output_dir={output_dir}",
+            f"deepspeed.config=stage_configs/deepspeed/{zero}.json", "logging.progress_bar=false", *extra]
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    cmd = [deepspeed, "--num_gpus", "1", "--master_port", str(_free_port()), str(PROJECT_ROOT / "train_stage.py"),
+    cmd = [deepspeed, "--num_gpus", str(procs), "--master_port", str(_free_port()), str(PROJECT_ROOT / "train_stage.py"),
            "--stage", stage]
     for item in sets:
         cmd += ["--set", item]
     return cmd
+
+
+def stage_command(args: argparse.Namespace, stage: str, prev: str | None) -> list[str]:
+    """The quickstart's command of one stage of its chain (ZeRO-2, one process)."""
+    out = Path(args.out)
+    return launcher_command(out, stage, out / stage, out / prev / "export" if prev else None,
+                            extra=FAST_STAGE if args.fast else ())
+
+
+def stage_summary(metrics: Path) -> dict:
+    """Loss at the first and last logged step and the mean tokens/s of a stage's metrics.jsonl (the first two
+    windows, start-up, left out when there are more)."""
+    recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    recs = [r for r in recs if "loss" in r]
+    tps = [r["tokens_per_s"] for r in (recs[2:] if len(recs) > 2 else recs) if "tokens_per_s" in r]
+    return {"steps": recs[-1]["step"], "loss_start": recs[0]["loss"], "loss_end": recs[-1]["loss"],
+            "tokens_per_s": sum(tps) / max(len(tps), 1)}
 
 
 def make_stage_step(stage: str) -> Step:
@@ -164,11 +180,9 @@ def make_stage_step(stage: str) -> Step:
         chain = _chain(args)
         prev = chain[chain.index(stage) - 1] if chain.index(stage) else None
         run_cmd(stage_command(args, stage, prev), env=_env(args))
-        records = [json.loads(x) for x in (Path(args.out) / stage / "metrics.jsonl").read_text().splitlines()]
-        first, last = records[0], records[-1]
-        tps = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
-        return (f"{stage}: {last['step']} steps, loss {first['loss']:.3f} → {last['loss']:.3f}, "
-                f"{sum(tps) / max(len(tps), 1):.0f} tokens/s; export {Path(args.out) / stage / 'export'}")
+        f = stage_summary(Path(args.out) / stage / "metrics.jsonl")
+        return (f"{stage}: {f['steps']} steps, loss {f['loss_start']:.3f} → {f['loss_end']:.3f}, "
+                f"{f['tokens_per_s']:.0f} tokens/s; export {Path(args.out) / stage / 'export'}")
 
     return Step(stage, run, needs="unified_mllm.training")
 
