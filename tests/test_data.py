@@ -515,6 +515,30 @@ def test_workers_give_the_same_batches_and_resume_exactly(pretokenized_mixture) 
         resumed.close()
 
 
+def test_pretokenized_images_are_found_by_relative_paths_and_misses_are_named(pretokenized_mixture, shapeworld_tiny,
+                                                                               monkeypatch) -> None:
+    """The cache is written from absolute paths; a run whose data root is relative (SHAPEWORLD_DIR=runs/...) must find
+    the same entries, and a stream that finds none says why instead of only counting."""
+    import os
+
+    from unified_mllm.data.samples import BadSample
+
+    recipe, builder, features = pretokenized_mixture
+    image = shapeworld_tiny / "images" / "train" / "0000000.png"
+    monkeypatch.chdir(shapeworld_tiny)
+    rel = os.path.relpath(image)
+    assert not Path(rel).is_absolute()
+    semantic, codes = features.get(rel)
+    assert torch.equal(codes, features.get(str(image))[1])
+    with pytest.raises(BadSample, match="not in the pretokenize cache .* pretokenize this recipe"):
+        features.get("images/train/not_there.png")
+    empty = type(features)(None, None)  # no cache at all: every sample is skipped, and the error says why
+    stream = mixture_stream((recipe, builder, empty), 0)
+    with pytest.raises(ValueError, match=r"10,000 bad samples in a row \((vqa|cap|gen)/not_pretokenized .*the last: "
+                                         r".*not in the pretokenize cache"):
+        next(stream)
+
+
 def test_text_tokenizer_round_trips_characters_it_never_saw(tmp_path: Path) -> None:
     """The ShapeWorld vocabulary is trained on lower-case scene text; a user's capitals, accents and emoji must reach
     the model as bytes, never vanish (SentencePiece without byte fallback drops them silently in the HF tokenizer)."""

@@ -20,7 +20,7 @@ def test_fast_quickstart_runs_and_resumes(tmp_path: Path) -> None:
     first = run(out)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     steps = ("data", "configs", "teacher", "tokenizer", "probe", "text_tokenizer", "pretokenize", "align", "mixed",
-             "eval", "report")
+             "eval", "curve", "report")
     for step in steps:
         assert (out / ".done" / step).is_file(), step
     assert (out / "wintok" / "model.safetensors").is_file()
@@ -42,7 +42,13 @@ def test_fast_quickstart_runs_and_resumes(tmp_path: Path) -> None:
             assert (f"shapeworld_{direction}", split, "overall") in got
     assert (out / "eval" / "samples.png").is_file() and (out / "loss_curves.png").is_file()
     report = (out / "report.md").read_text()
-    for heading in ("## Steps", "## Loss curves", "## Targets", "## Scores"):
+    # score against steps: the mixed stage's intermediate export (step 3) and its final one (step 6)
+    curve = json.loads((out / "eval" / "curve.json").read_text())
+    assert [p["step"] for p in curve["points"]] == [3, 6]
+    assert all(0 <= p["understanding/heldin"]["overall"] <= 1 and "single_object" in p["generation/heldin"]
+               for p in curve["points"])
+    assert (out / "eval" / "curve.png").is_file()
+    for heading in ("## Steps", "## Loss curves", "## Targets", "## Score against training steps", "## Scores"):
         assert heading in report
     assert "understanding overall (held-in)" in report and "generation single object (held-in)" in report
     second = run(out)

@@ -24,7 +24,13 @@ from unified_mllm.shapeworld.prompts import make_spec, scene_for_spec, violating
 from unified_mllm.shapeworld.render import render
 from unified_mllm.shapeworld.scene import Scene, ShapeObject
 from unified_mllm.shapeworld.splits import heldout_reasons, is_heldout
-from unified_mllm.shapeworld.text import UND_CATEGORIES, answer_from_detections, question
+from unified_mllm.shapeworld.text import (
+    SHORT_ANSWER,
+    UND_CATEGORIES,
+    answer_from_detections,
+    conversation,
+    question,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,6 +93,15 @@ def test_answers_recomputed_from_detections_match(category: str) -> None:
         scene = sample_scene(rng, heldout=False)
         q, answer, spec = question(scene, rng, category)
         assert answer_from_detections(spec, detect(render(scene))) == answer, q
+
+
+def test_a_conversation_never_asks_the_same_question_twice() -> None:
+    rng = random.Random(0)
+    for _ in range(500):
+        conv = conversation(sample_scene(rng, heldout=False), rng)
+        asked = [c["value"].removeprefix("<image>\n").removesuffix(SHORT_ANSWER) for c in conv[::2]]
+        assert len(asked) == len(set(asked)) >= 1
+        assert conv[0]["value"].startswith("<image>\n") and all(c["from"] == "gpt" for c in conv[1::2])
 
 
 def test_vqa_normalisation() -> None:

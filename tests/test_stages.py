@@ -140,12 +140,19 @@ def test_lora_with_gradient_checkpointing_trains_and_exports_merged(world: dict,
     from unified_mllm.model import load_pretrained
 
     out = tmp_path / "lora"
-    res = run(stage_cmd(world, "sft", out, 2, "train.llm=lora", "train.lora_rank=4", "train.lora_alpha=8",
-                        "deepspeed.gradient_checkpointing=true"), world)
+    res = run(stage_cmd(world, "sft", out, 3, "train.llm=lora", "train.lora_rank=4", "train.lora_alpha=8",
+                        "deepspeed.gradient_checkpointing=true", "checkpoint.export_every=1"), world)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "trainable" in res.stdout + res.stderr
     model, _ = load_pretrained(out / "export")
     assert not any("lora" in k for k in model.state_dict())  # merged into the base weights
+    # intermediate exports (for score-vs-steps curves) merge into a copy: training goes on with the adapters
+    assert sorted(p.name for p in (out / "exports").iterdir()) == ["step_00000001", "step_00000002"]
+    step2, _ = load_pretrained(out / "exports" / "step_00000002")
+    assert not any("lora" in k for k in step2.state_dict())
+    final = dict(model.llm.named_parameters())
+    moved = [n for n, p in step2.llm.named_parameters() if not torch.equal(p, final[n])]
+    assert any("q_proj" in n for n in moved), "LoRA training stopped after the intermediate export"
 
 
 def test_nan_loss_stops_before_the_update_and_names_the_step(world: dict, tmp_path: Path) -> None:

@@ -88,6 +88,25 @@ def test_distillation_touches_only_semantic_tokens() -> None:
         assert all(p.grad is None or p.grad.abs().sum() == 0 for p in module.parameters())  # pixel branch does not
 
 
+def test_teacher_feature_loss_reaches_the_pixel_path_only_and_is_zero_on_a_perfect_copy() -> None:
+    from tokenizer.teacher import ShapeWorldTeacher
+
+    torch.manual_seed(0)
+    model = WinTok(WinTokConfig.tiny(image_size=32, hidden_size=32, num_layers=1, codebook_size=32, num_heads=2,
+                                     decoder_num_heads=2)).train()
+    teacher = ShapeWorldTeacher(embed_dim=16, width=8).eval().requires_grad_(False)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    only_feats = TokenizerLossConfig(l1=0, l2=0, vq=0, entropy=0, distill=0, teacher_features=1.0)
+    losses = tokenizer_losses(model(x), x, None, only_feats, teacher=teacher)
+    assert losses.teacher_features > 0
+    losses.total.backward()
+    assert model.conv_out.weight.grad.abs().sum() > 0  # the decoder learns from it
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.projection.parameters())  # semantic: no
+    copy = model(x)
+    copy.reconstruction = x.clone()
+    assert float(tokenizer_losses(copy, x, None, only_feats, teacher=teacher).teacher_features) < 1e-6
+
+
 def test_entropy_loss_prefers_confident_and_diverse_codes() -> None:
     k = 8
     diverse = torch.eye(k).view(1, 1, k, k) * 1.0  # each position its own code, confidently

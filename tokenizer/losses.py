@@ -21,11 +21,13 @@ class TokenizerLosses:
     distill: torch.Tensor
     edge: torch.Tensor
     perceptual: torch.Tensor
+    teacher_features: torch.Tensor
     reconstruction: torch.Tensor
-    """The weighted pixel terms (L1, L2, edge, perceptual): what the GAN's adaptive weight is measured against."""
+    """The weighted pixel terms (L1, L2, edge, perceptual, teacher features): what the GAN's adaptive weight is
+    measured against."""
 
     def scalars(self) -> dict[str, float]:
-        names = ("total", "l1", "l2", "vq", "entropy", "distill", "edge", "perceptual")
+        names = ("total", "l1", "l2", "vq", "entropy", "distill", "edge", "perceptual", "teacher_features")
         return {f"loss/{k}": float(getattr(self, k).detach()) for k in names}
 
 
@@ -34,6 +36,17 @@ def edge_loss(rec: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     dx = (rec[..., :, 1:] - rec[..., :, :-1]) - (images[..., :, 1:] - images[..., :, :-1])
     dy = (rec[..., 1:, :] - rec[..., :-1, :]) - (images[..., 1:, :] - images[..., :-1, :])
     return dx.abs().mean() + dy.abs().mean()
+
+
+def feature_distance(rec_maps: list[torch.Tensor], ref_maps: list[torch.Tensor]) -> torch.Tensor:
+    """LPIPS without learned weights: squared distance of channel-normalised feature maps, mean over positions,
+    summed over stages, mean over the batch."""
+    total = rec_maps[0].new_zeros(())
+    for a, b in zip(rec_maps, ref_maps):
+        a = a / (a.norm(dim=1, keepdim=True) + 1e-6)
+        b = b / (b.norm(dim=1, keepdim=True) + 1e-6)
+        total = total + (a - b).pow(2).sum(1).mean()
+    return total
 
 
 def entropy_loss(sim: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -52,8 +65,10 @@ def entropy_loss(sim: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def tokenizer_losses(out: WinTokForwardOutput, images: torch.Tensor, teacher_emb: torch.Tensor | None, weights,
-                     perceptual_model: torch.nn.Module | None = None) -> TokenizerLosses:
-    """``weights``: a TokenizerLossConfig. The distillation term touches only the semantic tokens."""
+                     perceptual_model: torch.nn.Module | None = None,
+                     teacher: torch.nn.Module | None = None) -> TokenizerLosses:
+    """``weights``: a TokenizerLossConfig. The distillation term touches only the semantic tokens; the teacher-feature
+    term (``teacher`` with ``feature_maps``, weight ``teacher_features``) reaches the reconstruction only."""
     rec = out.reconstruction.float()
     zero = rec.new_zeros(())
     l1 = (rec - images).abs().mean()
@@ -61,6 +76,12 @@ def tokenizer_losses(out: WinTokForwardOutput, images: torch.Tensor, teacher_emb
     edge = edge_loss(rec, images) if weights.edge > 0 else zero
     use_lpips = perceptual_model is not None and weights.perceptual > 0
     perceptual = perceptual_model(rec, images).mean() if use_lpips else zero
+    if teacher is not None and weights.teacher_features > 0:
+        with torch.no_grad():
+            ref_maps = teacher.feature_maps(images.float())
+        teacher_feat = feature_distance(teacher.feature_maps(rec), ref_maps)
+    else:
+        teacher_feat = zero
     q = out.quantizer
     vq = weights.commitment_beta * q.commitment_loss + q.codebook_loss
     ent = entropy_loss(q.logits, weights.entropy_temp) if weights.entropy > 0 else zero
@@ -68,7 +89,7 @@ def tokenizer_losses(out: WinTokForwardOutput, images: torch.Tensor, teacher_emb
         distill = (1.0 - F.cosine_similarity(out.pooled.float(), teacher_emb.float(), dim=-1)).mean()
     else:
         distill = zero
-    recon = weights.l1 * l1 + weights.l2 * l2 + weights.edge * edge + (weights.perceptual * perceptual if use_lpips
-                                                                         else zero)
+    recon = (weights.l1 * l1 + weights.l2 * l2 + weights.edge * edge + weights.teacher_features * teacher_feat
+             + (weights.perceptual * perceptual if use_lpips else zero))
     total = recon + weights.vq * vq + weights.entropy * ent + weights.distill * distill
-    return TokenizerLosses(total, l1, l2, vq, ent, distill, edge, perceptual, recon)
+    return TokenizerLosses(total, l1, l2, vq, ent, distill, edge, perceptual, teacher_feat, recon)

@@ -43,6 +43,15 @@ class ShapeWorldTeacher(nn.Module):
         h = F.adaptive_avg_pool2d(self.features(x), 2).flatten(1)  # (B, 4·C)
         return self.embed(h)
 
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The activation after each of the four conv stages (32², 16², 8², 4² for 64 px input)."""
+        maps = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i % 3 == 2:
+                maps.append(x)
+        return maps
+
     def heads(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.presence(F.gelu(emb)), self.counts(F.gelu(emb)).view(-1, NUM_SHAPES, MAX_COUNT + 1)
 

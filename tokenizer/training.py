@@ -86,6 +86,9 @@ class TokenizerTrainer:
             if dim is not None and dim != self.model.config.semantic_dim:
                 raise ValueError(f"teacher.path: the teacher's embedding is {dim}-d but the semantic tokens are "
                                  f"{self.model.config.semantic_dim}-d; set model.overrides.semantic_dim: {dim}")
+        if cfg.loss.teacher_features > 0 and not hasattr(self.teacher, "feature_maps"):
+            raise ValueError(f"loss.teacher_features: teacher.kind {cfg.teacher.kind!r} has no conv feature maps; "
+                             f"use teacher.kind: shapeworld, or LPIPS (loss.lpips_vgg16 + loss.lpips_linear)")
         if zero_stage(self.ds_config) >= 3 and cfg.model.ema_decay > 0:
             raise ValueError("model.ema_decay: the weight average needs whole weights on each process; use ZeRO-2 "
                              "(deepspeed.config: stage_configs/deepspeed/zero2.json) or set model.ema_decay: 0")
@@ -192,7 +195,7 @@ class TokenizerTrainer:
             images = next(self.stream).to(self.engine.device)
             teacher_emb = self.teacher_embeddings(images)
             out = self.engine(images)
-            losses = tokenizer_losses(out, images, teacher_emb, self.cfg.loss, self.perceptual)
+            losses = tokenizer_losses(out, images, teacher_emb, self.cfg.loss, self.perceptual, self.teacher)
             total = losses.total
             extra: dict[str, float] = {}
             if self.gan_active():
@@ -246,7 +249,8 @@ class TokenizerTrainer:
                  "LPIPS off (no loss.lpips_vgg16 / loss.lpips_linear weights given)")
         gan = (f"GAN on (weight {lc.gan}, from step {lc.gan_start})" if self.disc is not None else "GAN off")
         ema = f"EMA {self.cfg.model.ema_decay} (exported)" if self.ema is not None else "no EMA"
-        return f"{lpips}; {gan}; {ema}"
+        feats = f"; teacher-feature loss {lc.teacher_features}" if lc.teacher_features > 0 else ""
+        return f"{lpips}{feats}; {gan}; {ema}"
 
     def fit(self) -> int:
         cfg = self.cfg

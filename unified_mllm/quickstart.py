@@ -140,7 +140,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-FAST_STAGE = ["optim.max_steps=6", "optim.micro_batch_size=4", "checkpoint.save_every=3", "logging.log_every=1"]
+FAST_STEPS = 6
+FAST_STAGE = [f"optim.max_steps={FAST_STEPS}", "optim.micro_batch_size=4", "checkpoint.save_every=3", "logging.log_every=1"]
 
 
 def launcher_command(run: Path, stage: str, output_dir: Path, init_from: Path | None, zero: str = "zero2",
@@ -158,11 +159,19 @@ def launcher_command(run: Path, stage: str, output_dir: Path, init_from: Path | 
     return cmd
 
 
+CURVE_POINTS = 4
+"""The last stage of the chain exports this many times (the last is its final export): the score-vs-steps curve."""
+
+
 def stage_command(args: argparse.Namespace, stage: str, prev: str | None) -> list[str]:
-    """The quickstart's command of one stage of its chain (ZeRO-2, one process)."""
+    """The quickstart's command of one stage of its chain (ZeRO-2, one process); the last stage also writes
+    intermediate exports for the score-vs-steps curve."""
     out = Path(args.out)
-    return launcher_command(out, stage, out / stage, out / prev / "export" if prev else None,
-                            extra=FAST_STAGE if args.fast else ())
+    extra = list(FAST_STAGE if args.fast else ())
+    if stage == _chain(args)[-1]:
+        every = FAST_STEPS // 2 if args.fast else max(load_stage_config(stage).optim.max_steps // CURVE_POINTS, 1)
+        extra.append(f"checkpoint.export_every={every}")
+    return launcher_command(out, stage, out / stage, out / prev / "export" if prev else None, extra=extra)
 
 
 def stage_summary(metrics: Path) -> dict:
@@ -196,6 +205,19 @@ def step_eval(args: argparse.Namespace) -> str:
     return f"evaluation suite on {final} → {out / 'summary.md'}"
 
 
+def step_curve(args: argparse.Namespace) -> str:
+    stage_dir = Path(args.out) / _chain(args)[-1]
+    out = Path(args.out) / "eval" / "curve.json"
+    limits = ["--max-questions", "12", "--max-prompts", "6"] if args.fast else ["--max-questions", "150",
+                                                                                 "--max-prompts", "60"]
+    run_cmd([sys.executable, "-m", "eval.curve", "--stage-dir", str(stage_dir), "--data", str(_data_dir(args)),
+             "--out", str(out), *limits], env=_env(args))
+    pts = json.loads(out.read_text())["points"]
+    return "held-in score against steps: " + "; ".join(
+        f"step {p['step']}: understanding {p['understanding/heldin']['overall']:.2f}, generation "
+        f"{p['generation/heldin']['overall']:.2f}" for p in pts)
+
+
 def step_report(args: argparse.Namespace) -> str:
     from unified_mllm.report import write_report
 
@@ -213,6 +235,7 @@ STEPS = [
     Step("pretokenize", step_pretokenize, needs="unified_mllm.data.pretokenize"),
     # the MLLM stages of --chain are inserted here
     Step("eval", step_eval, needs="eval.suite"),
+    Step("curve", step_curve, needs="eval.curve"),
     Step("report", step_report, needs="unified_mllm.report"),
 ]
 NOT_BUILT_YET: tuple[str, ...] = ()

@@ -65,6 +65,27 @@ def find_score(rows: list[dict], direction: str, split: str, category: str) -> f
     return None
 
 
+def curve_section(run: Path) -> list[str]:
+    """The score-vs-steps curve of the last stage (``python -m eval.curve``), when the run has one."""
+    path = run / "eval" / "curve.json"
+    if not path.is_file():
+        return []
+    curve = json.loads(path.read_text())
+    lines = ["", "## Score against training steps", "",
+             f"The last stage's intermediate exports on the same {curve['max_questions']} held-in questions and "
+             f"{curve['max_prompts']} prompts per point (`python -m eval.curve`; smaller than the suite's, so the last "
+             f"point differs a little from the tables).", ""]
+    if path.with_suffix(".png").is_file():
+        lines += [f"![score against steps]({path.with_suffix('.png').relative_to(run)})", ""]
+    lines += ["| step | understanding overall | generation overall | generation single object |", "|---:|---:|---:|---:|"]
+    for p in curve["points"]:
+        und, gen = p.get("understanding/heldin", {}), p.get("generation/heldin", {})
+        cells = [f"{d[k]:.3f}" if k in d else "—" for d, k in ((und, "overall"), (gen, "overall"),
+                                                                (gen, "single_object"))]
+        lines.append(f"| {p['step']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(run: Path, chain: list[str]) -> Path:
     run = Path(run)
     lines = ["# ShapeWorld quickstart report", ""]
@@ -91,6 +112,7 @@ def write_report(run: Path, chain: list[str]) -> Path:
             got = find_score(rows, direction, split, category)
             met = "—" if got is None else ("yes" if got >= minimum else "no")
             lines.append(f"| {name} | {'n/a' if got is None else f'{got:.3f}'} | {minimum:.2f} | {met} |")
+        lines += curve_section(run)
         lines += ["", "## Scores", ""]
         if rows:
             keys = [k for k in ("benchmark", "split", "metric", "value", "samples", "scorer", "official")

@@ -179,12 +179,16 @@ class CheckpointConfig:
     """Save a resumable checkpoint every N optimizer steps (and always at the end)."""
     keep_last: int = 2
     """Resumable checkpoints to keep (older ones are deleted after a newer one is complete)."""
+    export_every: int = 0
+    """Also write a loadable export every N optimizer steps to <output_dir>/exports/step_N (kept, not rotated; LoRA
+    merged into a copy): what `python -m eval.curve` scores to draw score against steps. 0: only the final export."""
     resume: str = "auto"
     """auto: resume from the newest complete checkpoint in output_dir if any; never; or a checkpoint path."""
 
     def __post_init__(self) -> None:
         check(self.save_every > 0, "save_every", f"must be > 0, got {self.save_every}")
         check(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
+        check(self.export_every >= 0, "export_every", f"must be >= 0 (0 turns it off), got {self.export_every}")
 
 
 @dataclass

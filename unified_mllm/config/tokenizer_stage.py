@@ -76,6 +76,11 @@ class TokenizerLossConfig:
     edge: float = 0.0
     """Weight of the L1 distance between the horizontal and vertical pixel differences of reconstruction and
     original (sharp edges; not in the released recipe). 0: off."""
+    teacher_features: float = 0.0
+    """Weight of a perceptual loss in the frozen teacher's conv feature maps (LPIPS-style: channel-normalised
+    squared distance, summed over its four stages) between reconstruction and original — an LPIPS stand-in that
+    needs no download; teacher.kind: shapeworld only. Reaches the pixel path (no effect on the semantic tokens'
+    distillation). 0: off."""
     perceptual: float = 1.0
     """Weight of LPIPS-VGG; used only when lpips_vgg16 and lpips_linear are given (the log says so)."""
     lpips_vgg16: str | None = None
@@ -94,7 +99,7 @@ class TokenizerLossConfig:
     """Discriminator learning rate (null: optim.lr)."""
 
     def __post_init__(self) -> None:
-        for name in ("l1", "l2", "vq", "entropy", "distill", "edge", "perceptual", "gan"):
+        for name in ("l1", "l2", "vq", "entropy", "distill", "edge", "teacher_features", "perceptual", "gan"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.entropy_temp > 0, "entropy_temp", f"must be > 0, got {self.entropy_temp}")
 

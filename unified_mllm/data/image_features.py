@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -16,13 +17,13 @@ log = logging.getLogger(__name__)
 
 
 def image_key(ref) -> str:
-    """The pretokenize-cache key of an image: its path, or ``sha1:<digest>`` of encoded bytes (the same in every
+    """The pretokenize-cache key of an image: its absolute path (symlinks kept), or ``sha1:<digest>`` of encoded bytes (the same in every
     process, unlike ``hash``)."""
     if isinstance(ref, dict):
         ref = ref.get("bytes") or ref.get("path")
     if isinstance(ref, (bytes, bytearray)):
         return "sha1:" + hashlib.sha1(ref).hexdigest()
-    return str(ref)
+    return os.path.abspath(ref)  # a relative SHAPEWORLD_DIR/DATA_ROOT finds what an absolute one cached, and back
 
 
 def open_image(ref) -> Image.Image:
@@ -67,8 +68,9 @@ class ImageFeatures:
             row = self.cache[self.rows[key]]
             return torch.from_numpy(row["semantic"]).float(), torch.from_numpy(row["pixel_codes"]).long()
         if self.wintok is None:
-            raise BadSample("not_pretokenized", f"{_short(ref)}: not in the pretokenize cache and online tokenization "
-                                                f"is off")
+            raise BadSample("not_pretokenized", f"{_short(ref)}: not in the pretokenize cache ({len(self.rows)} images "
+                                                f"indexed) and online tokenization is off; pretokenize this recipe "
+                                                f"with the same data paths, or set online_tokenization: true")
         from tokenizer import preprocess
 
         device = next(self.wintok.parameters()).device

@@ -18,7 +18,7 @@ import random
 import signal
 import traceback
 import weakref
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 
 import torch
 
@@ -108,6 +108,8 @@ class DataStream:
             return "bad", e.reason, str(e)
 
     def _next_sample(self, task: str):
+        in_a_row: Counter = Counter()
+        message = ""
         for _ in range(10_000):
             key, rec = self._next_record(task)
             result = self.build(rec) if self.cfg.num_workers == 0 else self._from_workers(key, rec)
@@ -117,8 +119,10 @@ class DataStream:
             if self.cfg.on_bad_sample == "error":
                 raise ValueError(f"{message} (set data.on_bad_sample: skip to skip such samples)")
             self.skipped[f"{rec['source']}/{reason}"] += 1
+            in_a_row[f"{rec['source']}/{reason}"] += 1
             log.warning("skipped: %s", message)
-        raise ValueError(f"task {task}: 10,000 bad samples in a row; check the recipe's sources")
+        reasons = ", ".join(f"{k} {v}" for k, v in in_a_row.most_common())
+        raise ValueError(f"task {task}: 10,000 bad samples in a row ({reasons}); the last: {message}")
 
     # ----------------------------------------------------------------------------------- workers
     def _from_workers(self, key: tuple[str, int, int], rec: dict) -> tuple:

@@ -9,6 +9,7 @@ classifier-free-guided image generation.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,8 +159,15 @@ class UnifiedPipeline:
         return ids, mask, pos
 
     def _llm(self, embeds, mask, pos, cache=None, logits_to_keep: int = 1):
-        return self.model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                              use_cache=True, output_hidden_states=True, logits_to_keep=logits_to_keep)
+        """One LLM call with the KV cache; the output's ``.kv`` is the updated cache. transformers ≥ 5.2x names the
+        cache ``cache`` (``past_key_values`` is deprecated there), older ones ``past_key_values``."""
+        if not hasattr(self, "_cache_arg"):
+            params = inspect.signature(self.model.llm.forward).parameters
+            self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        out = self.model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
+                             output_hidden_states=True, logits_to_keep=logits_to_keep, **{self._cache_arg: cache})
+        out.kv = getattr(out, self._cache_arg)
+        return out
 
     # ------------------------------------------------------------------------------------------ answers
     @torch.inference_mode()
@@ -178,7 +186,7 @@ class UnifiedPipeline:
         ids, mask, pos = self._left_pad(prompts)
         embeds = self.model.embed_inputs(ids, sem, pix)
         out = self._llm(embeds, mask, pos)
-        cache = out.past_key_values
+        cache = out.kv
         gens = make_generators(seed, len(prompts), self.device)
         done = [False] * len(prompts)
         produced: list[list[int]] = [[] for _ in prompts]
@@ -203,7 +211,7 @@ class UnifiedPipeline:
             mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
             pos = pos[:, -1:] + 1
             out = self._llm(embed(nxt[:, None]), mask, pos, cache)
-            cache = out.past_key_values
+            cache = out.kv
         replies = []
         for toks in produced:
             text = self.tokenizer.decode(toks, skip_special_tokens=True)
@@ -268,7 +276,7 @@ class UnifiedPipeline:
         seqs = cond + [self._generation_prefix(self.config.uncond_prompt)] * n if guided else cond
         ids, mask, pos = self._left_pad(seqs)
         out = self._llm(self.model.embed_inputs(ids), mask, pos)
-        cache, hidden = out.past_key_values, out.hidden_states[-1][:, -1]  # (B, H)
+        cache, hidden = out.kv, out.hidden_states[-1][:, -1]  # (B, H)
         gens = make_generators(seed, n, self.device)
         codes = torch.zeros(n, v.num_codebooks, v.num_positions, dtype=torch.long, device=self.device)
         record = torch.zeros(n, v.num_codebooks, v.num_positions, v.codebook_size) if return_logits else None
@@ -291,7 +299,7 @@ class UnifiedPipeline:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             pos = pos[:, -1:] + 1
             out = self._llm(emb.to(self.dtype), mask, pos, cache)
-            cache, hidden = out.past_key_values, out.hidden_states[-1][:, -1]
+            cache, hidden = out.kv, out.hidden_states[-1][:, -1]
         return (codes, record) if return_logits else codes
 
     def decode_codes(self, codes: torch.Tensor) -> list[Image.Image]:

@@ -154,14 +154,21 @@ SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 
 
 def conversation(scene: Scene, rng: random.Random, max_turns: int = 3) -> list[dict]:
-    """A LLaVA-style conversation of 1–max_turns questions; the image is placed in the first turn. Half of the open
-    questions carry :data:`SHORT_ANSWER`, as in LLaVA-1.5's VQA data, so a model trained on them answers the
+    """A LLaVA-style conversation of 1–max_turns different questions; the image is placed in the first turn. Half of
+    the open questions carry :data:`SHORT_ANSWER`, as in LLaVA-1.5's VQA data, so a model trained on them answers the
     benchmarks' prompt format the same way (without it, the tiny model read the trailing instruction as the
     multiple-choice one and answered "A")."""
     turns = rng.randint(1, max_turns)
     conv: list[dict] = []
+    asked: set[str] = set()
     for i in range(turns):
-        q, a, spec = question(scene, rng)
+        for _ in range(10):  # a question asked again in the same conversation is answered by copying: skip it
+            q, a, spec = question(scene, rng)
+            if q not in asked:
+                break
+        else:
+            break
+        asked.add(q)
         if spec.get("category") != "multiple_choice" and rng.random() < 0.5:
             q += SHORT_ANSWER
         conv.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + q})

@@ -51,21 +51,36 @@ def model_inputs(batch: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "records"}
 
 
-def export(trainer) -> Path:
-    """The final ``from_pretrained`` directory (LoRA merged; ZeRO-3 parameters gathered)."""
+def export(trainer, out: Path | None = None) -> Path:
+    """A ``from_pretrained`` directory (LoRA merged; ZeRO-3 parameters gathered): the final ``<output_dir>/export``
+    by default, which merges LoRA into the model itself; with ``out`` an intermediate one, which merges into a copy so
+    that training goes on with the adapters."""
+    import copy
+    import shutil
+
     import deepspeed
 
     from unified_mllm.model import save_pretrained
+    from unified_mllm.training.distributed import barrier
 
-    out = trainer.output_dir / "export"
+    final = out is None
+    out = trainer.output_dir / "export" if final else out
     model = trainer.model
     params = list(model.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")):
         if trainer.rank == 0:
-            if hasattr(model.llm, "merge_and_unload"):  # LoRA: export merged weights
-                model.llm = model.llm.merge_and_unload()
-            save_pretrained(model, trainer.tokenizer, out)
-    from unified_mllm.training.distributed import barrier
-
+            lora_llm = model.llm if hasattr(model.llm, "merge_and_unload") else None
+            if lora_llm is not None:  # LoRA: export merged weights
+                model.llm = (lora_llm if final else copy.deepcopy(lora_llm)).merge_and_unload()
+            target = out if final else out.with_name(out.name + ".partial")  # intermediate: complete or absent
+            try:
+                save_pretrained(model, trainer.tokenizer, target)
+            finally:
+                if lora_llm is not None and not final:
+                    model.llm = lora_llm
+            if not final:
+                if out.exists():
+                    shutil.rmtree(out)
+                target.rename(out)
     barrier()
     return out

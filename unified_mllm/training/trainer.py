@@ -148,6 +148,9 @@ class StageTrainer:
                     window_tokens, window_start = 0.0, time.time()
                 if self.step % cfg.checkpoint.save_every == 0 and self.step < cfg.optim.max_steps:
                     self.save()
+                every = cfg.checkpoint.export_every
+                if every and self.step % every == 0 and self.step < cfg.optim.max_steps:
+                    build.export(self, self.output_dir / "exports" / f"step_{self.step:08d}")
         finally:
             self.loader.close()  # data worker processes, if any
         self.save()
