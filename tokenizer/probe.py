@@ -3,8 +3,11 @@
     python -m tokenizer.probe --checkpoint DIR --data SHAPEWORLD_DIR [--num-train 3000] [--num-test 600]
 
 Features per image: the flattened semantic tokens (N·D) and the flattened pixel-token vectors (P·C·d, the
-normalised code vectors). Tasks: the kind and the colour of the object in one-object scenes, and the number of
-objects in any scene. A logistic-regression probe is fit on training scenes and scored on held-in test scenes.
+normalised code vectors). Tasks: the kind and the colour of the object in one-object scenes, the number of
+objects in any scene, and binding — in two-object scenes of two different shapes and colours, the colour of the object
+whose shape comes first in the vocabulary (knowing the colours and the shapes present is not enough: which colour
+belongs to which shape is what "is there a red circle?" asks). A logistic-regression probe is fit on training scenes
+and scored on held-in test scenes.
 """
 
 from __future__ import annotations
@@ -58,6 +61,14 @@ def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor
         return float((linear(xe).argmax(1) == y_test).float().mean())
 
 
+def _binding_label(scene: dict, colors: list[str], shapes: list[str]) -> int | None:
+    objs = scene["objects"]
+    if len(objs) != 2 or objs[0]["shape"] == objs[1]["shape"] or objs[0]["color"] == objs[1]["color"]:
+        return None
+    first = min(objs, key=lambda o: shapes.index(o["shape"]))
+    return colors.index(first["color"])
+
+
 def run_probes(model: WinTok, data: str | Path, num_train: int = 3000, num_test: int = 600) -> dict:
     from unified_mllm.shapeworld.scene import COLORS, SHAPES
 
@@ -71,11 +82,15 @@ def run_probes(model: WinTok, data: str | Path, num_train: int = 3000, num_test:
         "kind": lambda s: SHAPES.index(s["objects"][0]["shape"]) if len(s["objects"]) == 1 else None,
         "colour": lambda s: colors.index(s["objects"][0]["color"]) if len(s["objects"]) == 1 else None,
         "count": lambda s: len(s["objects"]) - 1,
+        "binding": lambda s: _binding_label(s, colors, SHAPES),
     }
     result: dict = {"num_train": len(tr_files), "num_test": len(te_files)}
     for name, label in tasks.items():
         tr_idx = [i for i, s in enumerate(tr_scenes) if label(s) is not None]
         te_idx = [i for i, s in enumerate(te_scenes) if label(s) is not None]
+        if len(set(label(tr_scenes[i]) for i in tr_idx)) < 2 or not te_idx:
+            result[name] = {"skipped": f"too few scenes for this task ({len(tr_idx)} train, {len(te_idx)} test)"}
+            continue
         y_tr = torch.tensor([label(tr_scenes[i]) for i in tr_idx])
         y_te = torch.tensor([label(te_scenes[i]) for i in te_idx])
         result[name] = {

@@ -96,7 +96,8 @@ def step_probe(args: argparse.Namespace) -> str:
              "--out", str(out)])
     r = json.loads(out.read_text())
     return "linear probes semantic vs pixel: " + ", ".join(
-        f"{k} {r[k]['semantic']:.2f} vs {r[k]['pixel']:.2f}" for k in ("kind", "colour", "count"))
+        f"{k} {r[k]['semantic']:.2f} vs {r[k]['pixel']:.2f}" for k in ("kind", "colour", "count", "binding")
+        if "semantic" in r.get(k, {}))
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
