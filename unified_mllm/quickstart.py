@@ -209,8 +209,8 @@ def step_eval(args: argparse.Namespace) -> str:
 def step_curve(args: argparse.Namespace) -> str:
     stage_dir = Path(args.out) / _chain(args)[-1]
     out = Path(args.out) / "eval" / "curve.json"
-    limits = ["--max-questions", "12", "--max-prompts", "6"] if args.fast else ["--max-questions", "150",
-                                                                                 "--max-prompts", "60"]
+    limits = ["--max-questions", "12", "--max-prompts", "6"] if args.fast else ["--max-questions", "300",
+                                                                                 "--max-prompts", "120"]
     run_cmd([sys.executable, "-m", "eval.curve", "--stage-dir", str(stage_dir), "--data", str(_data_dir(args)),
              "--out", str(out), *limits], env=_env(args))
     pts = json.loads(out.read_text())["points"]

@@ -73,8 +73,8 @@ def curve_section(run: Path) -> list[str]:
     curve = json.loads(path.read_text())
     lines = ["", "## Score against training steps", "",
              f"The last stage's intermediate exports on the same {curve['max_questions']} held-in questions and "
-             f"{curve['max_prompts']} prompts per point (`python -m eval.curve`; smaller than the suite's, so the last "
-             f"point differs a little from the tables).", ""]
+             f"{curve['max_prompts']} prompts (one image each) per point (`python -m eval.curve`); the last point is the "
+             f"final export scored again, so it can differ a little from the tables.", ""]
     if path.with_suffix(".png").is_file():
         lines += [f"![score against steps]({path.with_suffix('.png').relative_to(run)})", ""]
     lines += ["| step | understanding overall | generation overall | generation single object |", "|---:|---:|---:|---:|"]
