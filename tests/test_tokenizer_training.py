@@ -107,6 +107,22 @@ def test_teacher_feature_loss_reaches_the_pixel_path_only_and_is_zero_on_a_perfe
     assert float(tokenizer_losses(copy, x, None, only_feats, teacher=teacher).teacher_features) < 1e-6
 
 
+def test_patch_consistency_pulls_identical_patches_to_the_same_codes() -> None:
+    from tokenizer.losses import patch_consistency_loss
+
+    images = torch.zeros(2, 3, 16, 16)  # 2 images × 4 patches of 8 px, all identical ...
+    images[1, :, 8:, 8:] = 1.0  # ... but one
+    same = torch.zeros(2, 1, 4, 5)
+    same[..., 0] = 1.0  # every patch confidently on code 0
+    assert float(patch_consistency_loss(images, same, 8, 0.1)) == pytest.approx(0.0, abs=1e-7)
+    split = same.clone()
+    split[0, 0, 0] = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0])  # one background patch on another code
+    loss = patch_consistency_loss(images, split.requires_grad_(), 8, 0.1)
+    assert float(loss) > 0.05
+    loss.backward()
+    assert split.grad[1, 0, 3].abs().sum() == 0  # the one different patch has no twin: untouched
+
+
 def test_entropy_loss_prefers_confident_and_diverse_codes() -> None:
     k = 8
     diverse = torch.eye(k).view(1, 1, k, k) * 1.0  # each position its own code, confidently

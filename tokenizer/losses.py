@@ -22,12 +22,14 @@ class TokenizerLosses:
     edge: torch.Tensor
     perceptual: torch.Tensor
     teacher_features: torch.Tensor
+    consistency: torch.Tensor
     reconstruction: torch.Tensor
     """The weighted pixel terms (L1, L2, edge, perceptual, teacher features): what the GAN's adaptive weight is
     measured against."""
 
     def scalars(self) -> dict[str, float]:
-        names = ("total", "l1", "l2", "vq", "entropy", "distill", "edge", "perceptual", "teacher_features")
+        names = ("total", "l1", "l2", "vq", "entropy", "distill", "edge", "perceptual", "teacher_features",
+                 "consistency")
         return {f"loss/{k}": float(getattr(self, k).detach()) for k in names}
 
 
@@ -49,6 +51,25 @@ def feature_distance(rec_maps: list[torch.Tensor], ref_maps: list[torch.Tensor])
     return total
 
 
+def patch_consistency_loss(images: torch.Tensor, sim: torch.Tensor, patch_size: int,
+                           temperature: float) -> torch.Tensor:
+    """Identical patches → the same code distribution: the squared distance of each patch's soft code assignment
+    (softmax of 2·sim/τ per sub-codebook) to the mean over the patches of the batch with exactly the same pixels.
+
+    WinTok's encoder attends over the whole image, so a flat background patch gets codes that depend on what is
+    elsewhere; an autoregressive model must then predict that context before drawing it. ``sim`` (B, C, L, K)."""
+    b, c, n, k = sim.shape
+    patches = F.unfold(images.float(), patch_size, stride=patch_size).transpose(1, 2).reshape(b * n, -1)
+    _, group, counts = torch.unique(patches, dim=0, return_inverse=True, return_counts=True)
+    shared = counts[group] > 1
+    if not bool(shared.any()):
+        return sim.new_zeros(()).float()
+    prob = (2.0 * sim.float() / temperature).softmax(-1).permute(0, 2, 1, 3).reshape(b * n, c * k)[shared]
+    g = group[shared]
+    mean = prob.new_zeros(counts.numel(), c * k).index_add_(0, g, prob) / counts[:, None].to(prob.dtype)
+    return (prob - mean[g]).pow(2).sum(-1).mean() / c
+
+
 def entropy_loss(sim: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-sample entropy minus codebook entropy, averaged over sub-codebooks.
 
@@ -66,7 +87,7 @@ def entropy_loss(sim: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def tokenizer_losses(out: WinTokForwardOutput, images: torch.Tensor, teacher_emb: torch.Tensor | None, weights,
                      perceptual_model: torch.nn.Module | None = None,
-                     teacher: torch.nn.Module | None = None) -> TokenizerLosses:
+                     teacher: torch.nn.Module | None = None, patch_size: int | None = None) -> TokenizerLosses:
     """``weights``: a TokenizerLossConfig. The distillation term touches only the semantic tokens; the teacher-feature
     term (``teacher`` with ``feature_maps``, weight ``teacher_features``) reaches the reconstruction only."""
     rec = out.reconstruction.float()
@@ -85,11 +106,14 @@ def tokenizer_losses(out: WinTokForwardOutput, images: torch.Tensor, teacher_emb
     q = out.quantizer
     vq = weights.commitment_beta * q.commitment_loss + q.codebook_loss
     ent = entropy_loss(q.logits, weights.entropy_temp) if weights.entropy > 0 else zero
+    consistency = (patch_consistency_loss(images, q.logits, patch_size, weights.entropy_temp)
+                   if weights.patch_consistency > 0 and patch_size else zero)
     if teacher_emb is not None and weights.distill > 0:
         distill = (1.0 - F.cosine_similarity(out.pooled.float(), teacher_emb.float(), dim=-1)).mean()
     else:
         distill = zero
     recon = (weights.l1 * l1 + weights.l2 * l2 + weights.edge * edge + weights.teacher_features * teacher_feat
              + (weights.perceptual * perceptual if use_lpips else zero))
-    total = recon + weights.vq * vq + weights.entropy * ent + weights.distill * distill
-    return TokenizerLosses(total, l1, l2, vq, ent, distill, edge, perceptual, teacher_feat, recon)
+    total = (recon + weights.vq * vq + weights.entropy * ent + weights.distill * distill
+             + weights.patch_consistency * consistency)
+    return TokenizerLosses(total, l1, l2, vq, ent, distill, edge, perceptual, teacher_feat, consistency, recon)

@@ -195,7 +195,8 @@ class TokenizerTrainer:
             images = next(self.stream).to(self.engine.device)
             teacher_emb = self.teacher_embeddings(images)
             out = self.engine(images)
-            losses = tokenizer_losses(out, images, teacher_emb, self.cfg.loss, self.perceptual, self.teacher)
+            losses = tokenizer_losses(out, images, teacher_emb, self.cfg.loss, self.perceptual, self.teacher,
+                                      self.model.config.patch_size)
             total = losses.total
             extra: dict[str, float] = {}
             if self.gan_active():

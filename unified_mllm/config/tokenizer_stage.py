@@ -76,6 +76,10 @@ class TokenizerLossConfig:
     edge: float = 0.0
     """Weight of the L1 distance between the horizontal and vertical pixel differences of reconstruction and
     original (sharp edges; not in the released recipe). 0: off."""
+    patch_consistency: float = 0.0
+    """Weight of a term that gives patches with identical pixels (within a batch) the same soft code assignment, so
+    a flat background is not coded differently depending on the rest of the image (not in the released recipe;
+    uses entropy_temp as the softmax temperature). 0: off."""
     teacher_features: float = 0.0
     """Weight of a perceptual loss in the frozen teacher's conv feature maps (LPIPS-style: channel-normalised
     squared distance, summed over its four stages) between reconstruction and original — an LPIPS stand-in that
@@ -99,7 +103,8 @@ class TokenizerLossConfig:
     """Discriminator learning rate (null: optim.lr)."""
 
     def __post_init__(self) -> None:
-        for name in ("l1", "l2", "vq", "entropy", "distill", "edge", "teacher_features", "perceptual", "gan"):
+        for name in ("l1", "l2", "vq", "entropy", "distill", "edge", "patch_consistency", "teacher_features", "perceptual",
+                     "gan"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.entropy_temp > 0, "entropy_temp", f"must be > 0, got {self.entropy_temp}")
 
