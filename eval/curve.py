@@ -12,12 +12,12 @@ questions, prompts and sampling seed, so the points compare. Output: ``curve.jso
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from eval.common import EvalError, run_cli, write_json
 from eval.shapeworld import run as run_shapeworld
+from unified_mllm.quickstart import stage_summary
 
 
 def points(stage_dir: str | Path) -> list[tuple[int, Path]]:
@@ -27,16 +27,12 @@ def points(stage_dir: str | Path) -> list[tuple[int, Path]]:
     for p in sorted((stage_dir / "exports").glob("step_*")):
         if p.is_dir() and not p.name.endswith(".partial") and p.name[5:].isdigit():
             found.append((int(p.name[5:]), p))
-    final = stage_dir / "export"
-    if final.is_dir():
-        metrics = stage_dir / "metrics.jsonl"
-        steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines() if x.strip()] \
-            if metrics.is_file() else []
-        last = max(steps, default=(found[-1][0] + 1 if found else 0))
-        found.append((last, final))
+    final, metrics = stage_dir / "export", stage_dir / "metrics.jsonl"
+    if final.is_dir() and metrics.is_file():  # the final export's step: the stage's last logged one
+        found.append((stage_summary(metrics)["steps"], final))
     if not found:
-        raise EvalError(f"{stage_dir}: no exports/step_* and no export; train the stage (with "
-                        f"checkpoint.export_every > 0 for intermediate points)")
+        raise EvalError(f"{stage_dir}: no exports/step_* and no export with its metrics.jsonl; train the stage "
+                        f"(with checkpoint.export_every > 0 for intermediate points)")
     return sorted(found)
 
 

@@ -66,6 +66,8 @@ class UnifiedPipeline:
         if model.wintok is None:
             raise ValueError("this export has no wintok/ directory; images can be neither read nor drawn")
         self.wintok = model.wintok.to(self.device).eval()
+        # transformers ≥ 5.2x names the KV cache `cache` (`past_key_values` is deprecated there); older ones do not
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.llm.forward).parameters else "past_key_values"
         self.ids = self.config.special_ids
         self.template = self.config.chat_template or tokenizer.chat_template or CHATML
         self.stop_ids = self._end_of_turn_ids()
@@ -159,11 +161,7 @@ class UnifiedPipeline:
         return ids, mask, pos
 
     def _llm(self, embeds, mask, pos, cache=None, logits_to_keep: int = 1):
-        """One LLM call with the KV cache; the output's ``.kv`` is the updated cache. transformers ≥ 5.2x names the
-        cache ``cache`` (``past_key_values`` is deprecated there), older ones ``past_key_values``."""
-        if not hasattr(self, "_cache_arg"):
-            params = inspect.signature(self.model.llm.forward).parameters
-            self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        """One LLM call with the KV cache; the output's ``.kv`` is the updated cache."""
         out = self.model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
                              output_hidden_states=True, logits_to_keep=logits_to_keep, **{self._cache_arg: cache})
         out.kv = getattr(out, self._cache_arg)
