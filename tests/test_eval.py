@@ -551,3 +551,31 @@ def test_prompt_limits_keep_every_category(tmp_path: Path) -> None:
     items, by_id = dpg.shapeworld_prompts(path, 7)
     assert len(items) == 7 and {r["tag"] for r in by_id.values()} == set(tags)
     assert len(geneval.read_metadata(path)) == 300
+
+
+def test_grounding_check_tells_a_reader_of_the_question_from_one_of_the_image(sw_data: Path, pipe, export: Path,
+                                                                                 tmp_path: Path) -> None:
+    """A model that answers from the detections and the question's words scores 1.0 on every probe; one that
+    ignores the words (first object's colour, always "yes") fails exactly the probes that need them."""
+    from eval import grounding
+
+    qs = grounding.grounding_questions(sw_data, "heldin")
+    assert {q["probe"] for q in qs} == set(grounding.PROBES)
+    reader, blind = [], []
+    for q in qs:
+        dets = detect(Image.open(q["image_path"]).convert("RGB"))
+        words = q["question"].rstrip("?").split()
+        if q["probe"] == "colour_of_shape":
+            reader.append(next(d.color for d in dets if d.shape == words[-1]))
+            blind.append(dets[0].color)
+        else:
+            reader.append("yes" if any((d.color, d.shape) == (words[-2], words[-1]) for d in dets) else "no")
+            blind.append("Yes.")
+    assert all(r["accuracy"] == 1.0 for r in grounding.score(qs, reader).values())
+    s = grounding.score(qs, blind)
+    assert s["presence_present"]["accuracy"] == 1.0 and s["presence_swapped"]["accuracy"] == 0.0
+    assert s["presence_absent_colour"]["says_yes"] == 1.0 and s["colour_of_shape"]["any_object_colour"] == 1.0
+    assert s["colour_of_shape"]["accuracy"] < 0.8
+    res = grounding.run(export, sw_data, max_scenes=3, out=tmp_path / "g.json", pipe=pipe)
+    assert json.loads((tmp_path / "g.json").read_text())["probes"] == res["probes"]
+    assert len(res["records"]) == sum(r["n"] for r in res["probes"].values())

@@ -176,8 +176,9 @@ def test_special_tokens_added_through_the_api(assets: Path) -> None:
 
 @pytest.mark.parametrize("embedding", ["sum", "causal_proj"])
 def test_save_load_identical_outputs(assets: Path, tmp_path: Path, embedding: str) -> None:
-    model, tok, _ = build(assets, understanding_input="both",
+    model, tok, _ = build(assets, understanding_input="both", projector={"slot_embedding": embedding == "sum"},
                           generation={"embedding": embedding, "head": "depth", "depth_layers": 1})
+    assert (model.projector.slot_embed is not None) == (embedding == "sum")
     save_pretrained(model, tok, tmp_path / "export")
     again, tok2 = load_pretrained(tmp_path / "export")
     assert len(tok2) == len(tok)
@@ -192,6 +193,16 @@ def test_save_load_identical_outputs(assets: Path, tmp_path: Path, embedding: st
         a = model(ids, labels, und_semantic=sem, und_pixel_codes=pix, gen_codes=codes, return_logits=True)
         b = again(ids, labels, und_semantic=sem, und_pixel_codes=pix, gen_codes=codes, return_logits=True)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+
+
+def test_slot_embedding_tells_identical_tokens_apart(assets: Path) -> None:
+    """The same feature in every slot: without slot embeddings every projected token is the same; with them each
+    slot differs, so the LLM can tell which region a token stands for."""
+    for flag in (False, True):
+        model, _, _ = build(assets, projector={"slot_embedding": flag})
+        sem = torch.randn(1, 1, model.config.vision.semantic_dim).expand(1, model.config.num_und_slots, -1)
+        out = model.projector(sem, None)[0]
+        assert torch.allclose(out, out[:1].expand_as(out)) != flag
 
 
 def test_touch_unused_reaches_every_trainable_module(assets: Path) -> None:

@@ -88,6 +88,28 @@ def test_distillation_touches_only_semantic_tokens() -> None:
         assert all(p.grad is None or p.grad.abs().sum() == 0 for p in module.parameters())  # pixel branch does not
 
 
+def test_token_distillation_matches_regions_and_touches_only_semantic_tokens() -> None:
+    from tokenizer.losses import token_distillation
+
+    torch.manual_seed(0)
+    teacher_tokens = torch.randn(2, 16, 8)  # a 4×4 teacher grid
+    pooled = teacher_tokens.view(2, 2, 2, 2, 2, 8).mean((2, 4)).reshape(2, 4, 8)  # its 2×2 average: the target
+    assert float(token_distillation(pooled, teacher_tokens)) == pytest.approx(0.0, abs=1e-6)
+    assert float(token_distillation(pooled.flip(1), teacher_tokens)) > 0.1  # the right content in the wrong region
+    with pytest.raises(ValueError, match="num_semantic_tokens"):
+        token_distillation(torch.randn(2, 3, 8), teacher_tokens)
+    model = WinTok(WinTokConfig.tiny(image_size=32, hidden_size=32, num_layers=1, codebook_size=32, num_heads=2,
+                                     decoder_num_heads=2, num_semantic_tokens=4)).train()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    only = TokenizerLossConfig(l1=0, l2=0, vq=0, entropy=0, distill=0, distill_tokens=1.0)
+    losses = tokenizer_losses(model(x), x, None, only, teacher_tokens=torch.randn(2, 16, model.config.semantic_dim))
+    assert losses.distill_tokens > 0 and "loss/distill_tokens" in losses.scalars()
+    losses.total.backward()
+    assert model.projection.weight.grad.abs().sum() > 0
+    for module in (model.quant_proj, model.quantizer, model.post_quant_proj, model.decoder, model.conv_out):
+        assert all(p.grad is None or p.grad.abs().sum() == 0 for p in module.parameters())
+
+
 def test_teacher_feature_loss_reaches_the_pixel_path_only_and_is_zero_on_a_perfect_copy() -> None:
     from tokenizer.teacher import ShapeWorldTeacher
 
@@ -121,6 +143,8 @@ def test_patch_consistency_pulls_identical_patches_to_the_same_codes() -> None:
     assert float(loss) > 0.05
     loss.backward()
     assert split.grad[1, 0, 3].abs().sum() == 0  # the one different patch has no twin: untouched
+    assert float(patch_consistency_loss(images, split, 8, 0.1, min_share=0.5)) == pytest.approx(float(loss))
+    assert float(patch_consistency_loss(images, split, 8, 0.1, min_share=0.9)) == 0.0  # 7 of 8 patches: too few
 
 
 def test_entropy_loss_prefers_confident_and_diverse_codes() -> None:
@@ -132,15 +156,34 @@ def test_entropy_loss_prefers_confident_and_diverse_codes() -> None:
 
 
 def test_teacher_cli_trains_and_loads(shapeworld: Path, tmp_path: Path) -> None:
-    from tokenizer.teacher import load_teacher
+    from safetensors.torch import save_file
+
+    from tokenizer.teacher import ShapeWorldTeacher, load_teacher
 
     res = subprocess.run([sys.executable, "-m", "tokenizer.teacher", "--data", str(shapeworld), "--out",
                           str(tmp_path / "t"), "--steps", "3", "--batch-size", "8", "--embed-dim", "16"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
     teacher = load_teacher("shapeworld", str(tmp_path / "t"))
-    assert teacher(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert teacher(x).shape == (2, 16)
+    tokens = teacher.token_embeddings(x)  # 32 px → a 2×2 grid of tokens whose mean is the embedding
+    assert tokens.shape == (2, 4, 16) and torch.allclose(tokens.mean(1), teacher(x), atol=1e-6)
     assert not any(p.requires_grad for p in teacher.parameters())
+    assert "val_exact_cells_acc" in json.loads((tmp_path / "t" / "config.json").read_text())
+    # the stage distils the semantic tokens one by one toward it
+    res = train(tmp_path / "run", shapeworld, 1, "teacher.kind=shapeworld", f"teacher.path={tmp_path / 't'}",
+                "loss.distill_tokens=1.0", "model.overrides.semantic_dim=16")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss/distill_tokens"] > 0
+    # a teacher saved before token embeddings existed: one clear error naming the fix
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    (tmp_path / "t" / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "pooling"}))
+    old = ShapeWorldTeacher(16, 48, "grid2").state_dict()
+    save_file(old, str(tmp_path / "t" / "model.safetensors"))
+    res = train(tmp_path / "run2", shapeworld, 1, "teacher.kind=shapeworld", f"teacher.path={tmp_path / 't'}",
+                "loss.distill_tokens=1.0", "model.overrides.semantic_dim=16")
+    assert res.returncode != 0 and "retrain it with" in res.stderr and "Traceback" not in res.stderr
 
 
 # ------------------------------------------------------------------------------------------ LPIPS, GAN, EMA, caches

@@ -26,11 +26,12 @@ class TokenizerLosses:
     reconstruction: torch.Tensor
     """The weighted pixel terms (L1, L2, edge, perceptual, teacher features): what the GAN's adaptive weight is
     measured against."""
+    distill_tokens: torch.Tensor | None = None
 
     def scalars(self) -> dict[str, float]:
-        names = ("total", "l1", "l2", "vq", "entropy", "distill", "edge", "perceptual", "teacher_features",
-                 "consistency")
-        return {f"loss/{k}": float(getattr(self, k).detach()) for k in names}
+        names = ("total", "l1", "l2", "vq", "entropy", "distill", "distill_tokens", "edge", "perceptual",
+                 "teacher_features", "consistency")
+        return {f"loss/{k}": float(getattr(self, k).detach()) for k in names if getattr(self, k) is not None}
 
 
 def edge_loss(rec: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -52,16 +53,18 @@ def feature_distance(rec_maps: list[torch.Tensor], ref_maps: list[torch.Tensor])
 
 
 def patch_consistency_loss(images: torch.Tensor, sim: torch.Tensor, patch_size: int,
-                           temperature: float) -> torch.Tensor:
+                           temperature: float, min_share: float = 0.0) -> torch.Tensor:
     """Identical patches → the same code distribution: the squared distance of each patch's soft code assignment
     (softmax of 2·sim/τ per sub-codebook) to the mean over the patches of the batch with exactly the same pixels.
 
     WinTok's encoder attends over the whole image, so a flat background patch gets codes that depend on what is
-    elsewhere; an autoregressive model must then predict that context before drawing it. ``sim`` (B, C, L, K)."""
+    elsewhere; an autoregressive model must then predict that context before drawing it. ``sim`` (B, C, L, K).
+    ``min_share`` > 0 restricts it to groups holding at least that share of the batch's patches (a flat background),
+    leaving the codes of smaller groups (object interiors) free."""
     b, c, n, k = sim.shape
     patches = F.unfold(images.float(), patch_size, stride=patch_size).transpose(1, 2).reshape(b * n, -1)
     _, group, counts = torch.unique(patches, dim=0, return_inverse=True, return_counts=True)
-    shared = counts[group] > 1
+    shared = counts[group] > max(1, min_share * b * n)
     if not bool(shared.any()):
         return sim.new_zeros(()).float()
     prob = (2.0 * sim.float() / temperature).softmax(-1).permute(0, 2, 1, 3).reshape(b * n, c * k)[shared]
@@ -85,11 +88,30 @@ def entropy_loss(sim: torch.Tensor, temperature: float) -> torch.Tensor:
     return (per_sample - codebook).mean()
 
 
+def token_distillation(semantic: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
+    """1 − cos between each semantic token and the teacher's tokens on the same square grid, mean over tokens.
+
+    ``semantic`` (B, N, D), ``teacher_tokens`` (B, T, D); both N and T are square grids (row-major), and the
+    teacher's is average-pooled to N cells, so semantic token i stands for the i-th region of the image."""
+    n, t = semantic.shape[1], teacher_tokens.shape[1]
+    side_n, side_t = round(n ** 0.5), round(t ** 0.5)
+    if side_n * side_n != n or side_t * side_t != t:
+        raise ValueError(f"loss.distill_tokens: needs square token grids, got {n} semantic tokens and {t} teacher "
+                         f"tokens; set model.overrides.num_semantic_tokens to a square (16, 64, 256)")
+    target = teacher_tokens
+    if side_t != side_n:
+        grid = teacher_tokens.transpose(1, 2).reshape(-1, teacher_tokens.shape[2], side_t, side_t)
+        target = F.adaptive_avg_pool2d(grid.float(), side_n).flatten(2).transpose(1, 2)
+    return (1.0 - F.cosine_similarity(semantic.float(), target.float(), dim=-1)).mean()
+
+
 def tokenizer_losses(out: WinTokForwardOutput, images: torch.Tensor, teacher_emb: torch.Tensor | None, weights,
                      perceptual_model: torch.nn.Module | None = None,
-                     teacher: torch.nn.Module | None = None, patch_size: int | None = None) -> TokenizerLosses:
-    """``weights``: a TokenizerLossConfig. The distillation term touches only the semantic tokens; the teacher-feature
-    term (``teacher`` with ``feature_maps``, weight ``teacher_features``) reaches the reconstruction only."""
+                     teacher: torch.nn.Module | None = None, patch_size: int | None = None,
+                     teacher_tokens: torch.Tensor | None = None) -> TokenizerLosses:
+    """``weights``: a TokenizerLossConfig. The distillation terms (pooled, and per token with ``teacher_tokens``)
+    touch only the semantic tokens; the teacher-feature term (``teacher`` with ``feature_maps``, weight
+    ``teacher_features``) reaches the reconstruction only."""
     rec = out.reconstruction.float()
     zero = rec.new_zeros(())
     l1 = (rec - images).abs().mean()
@@ -106,14 +128,20 @@ def tokenizer_losses(out: WinTokForwardOutput, images: torch.Tensor, teacher_emb
     q = out.quantizer
     vq = weights.commitment_beta * q.commitment_loss + q.codebook_loss
     ent = entropy_loss(q.logits, weights.entropy_temp) if weights.entropy > 0 else zero
-    consistency = (patch_consistency_loss(images, q.logits, patch_size, weights.entropy_temp)
+    consistency = (patch_consistency_loss(images, q.logits, patch_size, weights.entropy_temp,
+                                          weights.patch_consistency_min_share)
                    if weights.patch_consistency > 0 and patch_size else zero)
     if teacher_emb is not None and weights.distill > 0:
         distill = (1.0 - F.cosine_similarity(out.pooled.float(), teacher_emb.float(), dim=-1)).mean()
     else:
         distill = zero
+    if teacher_tokens is not None and weights.distill_tokens > 0:
+        distill_tokens = token_distillation(out.semantic_tokens, teacher_tokens)
+    else:
+        distill_tokens = zero
     recon = (weights.l1 * l1 + weights.l2 * l2 + weights.edge * edge + weights.teacher_features * teacher_feat
              + (weights.perceptual * perceptual if use_lpips else zero))
     total = (recon + weights.vq * vq + weights.entropy * ent + weights.distill * distill
-             + weights.patch_consistency * consistency)
-    return TokenizerLosses(total, l1, l2, vq, ent, distill, edge, perceptual, teacher_feat, consistency, recon)
+             + weights.distill_tokens * distill_tokens + weights.patch_consistency * consistency)
+    return TokenizerLosses(total, l1, l2, vq, ent, distill, edge, perceptual, teacher_feat, consistency, recon,
+                           distill_tokens)

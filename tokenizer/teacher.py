@@ -2,7 +2,8 @@
 
 - ``hf_vision``: a Hugging Face SigLIP/CLIP vision model from a local directory (real runs; SigLIP2 as released).
 - ``shapeworld``: a small CNN trained on ShapeWorld labels (which colour–shape pairs are present, how many of each
-  shape) standing in for SigLIP in the ShapeWorld preset:
+  shape, and which object is centred in each cell of its 4×4 token grid) standing in for SigLIP in the ShapeWorld
+  preset:
 
     python -m tokenizer.teacher --data runs/quickstart/data/shapeworld --out runs/quickstart/teacher
 """
@@ -23,25 +24,52 @@ from torch import nn
 NUM_SHAPES, NUM_COLORS, MAX_COUNT = 4, 6, 4
 
 
-class ShapeWorldTeacher(nn.Module):
-    """Conv net → embedding; heads predict colour–shape presence (multi-label) and per-shape counts."""
+POOLINGS = ("tokens", "grid2")
 
-    def __init__(self, embed_dim: int = 128, width: int = 48):
+
+class ShapeWorldTeacher(nn.Module):
+    """Conv net → embedding; heads predict colour–shape presence (multi-label) and per-shape counts.
+
+    ``pooling="tokens"``: a 1×1 conv turns each cell of the last feature map (4×4 at 64 px) into an ``embed_dim``
+    token and the embedding is their mean — the same relation as WinTok's pooled output to its semantic tokens, so
+    the tokens can be distilled one by one (``loss.distill_tokens``). ``"grid2"``: the embedding is a linear map of
+    the 2×2-pooled map (teachers saved before tokens existed)."""
+
+    def __init__(self, embed_dim: int = 128, width: int = 48, pooling: str = "tokens"):
         super().__init__()
-        self.embed_dim = embed_dim
+        if pooling not in POOLINGS:
+            raise ValueError(f"teacher pooling {pooling!r} is not one of {POOLINGS}")
+        self.embed_dim, self.pooling = embed_dim, pooling
         layers, c_in = [], 3
         for c_out in (width, width * 2, width * 2, width * 4):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(8, c_out), nn.GELU()]
             c_in = c_out
         self.features = nn.Sequential(*layers)
-        self.embed = nn.Linear(c_in * 4, embed_dim)  # 2×2 adaptive pooling keeps coarse layout
+        if pooling == "tokens":
+            self.token_embed = nn.Conv2d(c_in, embed_dim, 1)
+            self.cells = nn.Linear(embed_dim, NUM_SHAPES * NUM_COLORS + 1)  # the object centred in a cell, or none
+        else:
+            self.embed = nn.Linear(c_in * 4, embed_dim)  # 2×2 adaptive pooling keeps coarse layout
         self.presence = nn.Linear(embed_dim, NUM_SHAPES * NUM_COLORS)
         self.counts = nn.Linear(embed_dim, NUM_SHAPES * (MAX_COUNT + 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] → embeddings (B, embed_dim)."""
+        if self.pooling == "tokens":
+            return self.token_embeddings(x).mean(1)
         h = F.adaptive_avg_pool2d(self.features(x), 2).flatten(1)  # (B, 4·C)
         return self.embed(h)
+
+    def token_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """Images → one embedding per cell of the last feature map, row-major (B, h·w, embed_dim)."""
+        if self.pooling != "tokens":
+            raise ValueError("this ShapeWorld teacher was saved without token embeddings (pooling grid2); retrain it "
+                             "with `python -m tokenizer.teacher --data DIR --out PATH`")
+        return self.token_embed(self.features(x)).flatten(2).transpose(1, 2)
+
+    @property
+    def token_dim(self) -> int:
+        return self.embed_dim
 
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The activation after each of the four conv stages (32², 16², 8², 4² for 64 px input)."""
@@ -76,19 +104,34 @@ class HFVisionTeacher(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _pixels(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate((x + 1) / 2, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
-        x = (x - self.mean) / self.std
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._pixels(x)
         if hasattr(self.model, "get_image_features"):
             return self.model.get_image_features(pixel_values=x)
         return self.model(pixel_values=x).pooler_output
+
+    def token_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """The vision tower's last hidden state at the patch positions (B, P, hidden), a CLS token dropped."""
+        tower = getattr(self.model, "vision_model", self.model)
+        hidden = tower(pixel_values=self._pixels(x)).last_hidden_state
+        side = self.image_size // int(getattr(tower.config, "patch_size", 1) or 1)
+        return hidden[:, -side * side:] if hidden.shape[1] == side * side + 1 else hidden
+
+    @property
+    def token_dim(self) -> int:
+        tower = getattr(self.model, "vision_model", self.model)
+        return int(tower.config.hidden_size)
 
 
 def save_shapeworld_teacher(model: ShapeWorldTeacher, out: Path, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps({"kind": "shapeworld", "embed_dim": model.embed_dim, **meta},
-                                                indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps({"kind": "shapeworld", "embed_dim": model.embed_dim,
+                                                 "pooling": model.pooling, **meta}, indent=2) + "\n")
 
 
 def load_teacher(kind: str, path: str | None) -> nn.Module | None:
@@ -101,7 +144,7 @@ def load_teacher(kind: str, path: str | None) -> nn.Module | None:
         raise FileNotFoundError(f"teacher.path: {path} is not a directory; {how}")
     if kind == "shapeworld":
         cfg = json.loads((Path(path) / "config.json").read_text())
-        model = ShapeWorldTeacher(cfg["embed_dim"], cfg.get("width", 48))
+        model = ShapeWorldTeacher(cfg["embed_dim"], cfg.get("width", 48), cfg.get("pooling", "grid2"))
         model.load_state_dict(load_file(str(Path(path) / "model.safetensors")))
     else:
         model = HFVisionTeacher(path)
@@ -109,6 +152,18 @@ def load_teacher(kind: str, path: str | None) -> nn.Module | None:
 
 
 # ------------------------------------------------------------------------------------------ training
+def _cell_labels(scene: dict, side: int) -> torch.Tensor:
+    """For each cell of a side × side grid (row-major), the colour–shape class of the largest object whose centre
+    lies in it, or NUM_SHAPES · NUM_COLORS (none)."""
+    from unified_mllm.shapeworld.scene import COLORS, SHAPES
+
+    labels = torch.full((side * side,), NUM_SHAPES * NUM_COLORS, dtype=torch.long)
+    for o in sorted(scene["objects"], key=lambda o: o["size"]):
+        cell = min(int(o["cy"] * side), side - 1) * side + min(int(o["cx"] * side), side - 1)
+        labels[cell] = SHAPES.index(o["shape"]) * NUM_COLORS + list(COLORS).index(o["color"])
+    return labels
+
+
 def _labels(scene: dict) -> tuple[torch.Tensor, torch.Tensor]:
     from unified_mllm.shapeworld.scene import COLORS, SHAPES
 
@@ -137,26 +192,34 @@ def train_shapeworld_teacher(data: Path, out: Path, embed_dim: int, steps: int, 
     counts = torch.stack([c for _, c in labels])
     n_val = max(1, len(scenes) // 10)
     model = ShapeWorldTeacher(embed_dim)
+    with torch.no_grad():
+        side = round(model.token_embeddings(images[:1]).shape[1] ** 0.5)
+    cells = torch.stack([_cell_labels(s, side) for s in scenes])
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
     for _ in range(steps):
         idx = torch.randint(n_val, len(scenes), (batch_size,), generator=g)
-        pres_logits, count_logits = model.heads(model(images[idx]))
+        tokens = model.token_embeddings(images[idx])
+        pres_logits, count_logits = model.heads(tokens.mean(1))
         loss = F.binary_cross_entropy_with_logits(pres_logits, presence[idx]) + F.cross_entropy(
-            count_logits.reshape(-1, MAX_COUNT + 1), counts[idx].reshape(-1))
+            count_logits.reshape(-1, MAX_COUNT + 1), counts[idx].reshape(-1)) + F.cross_entropy(
+            model.cells(F.gelu(tokens)).flatten(0, 1), cells[idx].flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
     model.eval()
     with torch.no_grad():
-        pres_logits, count_logits = model.heads(model(images[:n_val]))
+        tokens = model.token_embeddings(images[:n_val])
+        pres_logits, count_logits = model.heads(tokens.mean(1))
         presence_acc = ((pres_logits > 0).float() == presence[:n_val]).all(1).float().mean().item()
         count_acc = (count_logits.argmax(-1) == counts[:n_val]).all(1).float().mean().item()
+        cell_acc = (model.cells(F.gelu(tokens)).argmax(-1) == cells[:n_val]).all(1).float().mean().item()
     meta = {"width": 48, "steps": steps, "train_images": len(scenes) - n_val, "val_images": n_val,
             "val_exact_presence_acc": round(presence_acc, 4), "val_exact_counts_acc": round(count_acc, 4),
+            "val_exact_cells_acc": round(cell_acc, 4),
             "train_seconds": round(time.time() - t0, 1), "final_loss": round(loss.item(), 4)}
     save_shapeworld_teacher(model, out, meta)
     return meta

@@ -86,6 +86,19 @@ class TokenizerTrainer:
             if dim is not None and dim != self.model.config.semantic_dim:
                 raise ValueError(f"teacher.path: the teacher's embedding is {dim}-d but the semantic tokens are "
                                  f"{self.model.config.semantic_dim}-d; set model.overrides.semantic_dim: {dim}")
+        if cfg.loss.distill_tokens > 0 and self.teacher is not None:  # teacher.kind none: no distillation at all
+            try:
+                token_dim = self.teacher.token_dim
+            except AttributeError:
+                token_dim = None
+            if token_dim != self.model.config.semantic_dim:
+                raise ValueError(f"loss.distill_tokens: the teacher's tokens are {token_dim}-d but the semantic tokens "
+                                 f"are {self.model.config.semantic_dim}-d; set model.overrides.semantic_dim: "
+                                 f"{token_dim} or loss.distill_tokens: 0")
+            if getattr(self.teacher, "pooling", "tokens") != "tokens":
+                raise ValueError(f"loss.distill_tokens: the ShapeWorld teacher at {cfg.teacher.path} was saved without "
+                                 f"token embeddings; retrain it with `python -m tokenizer.teacher --data DIR --out "
+                                 f"{cfg.teacher.path}` or set loss.distill_tokens: 0")
         if cfg.loss.teacher_features > 0 and not hasattr(self.teacher, "feature_maps"):
             raise ValueError(f"loss.teacher_features: teacher.kind {cfg.teacher.kind!r} has no conv feature maps; "
                              f"use teacher.kind: shapeworld, or LPIPS (loss.lpips_vgg16 + loss.lpips_linear)")
@@ -114,7 +127,7 @@ class TokenizerTrainer:
                                   self.rank, self.world_size, cfg.data.random_crop, cfg.data.on_bad_sample,
                                   cache=cfg.data.cache_images)
         # a frozen teacher on un-cropped images gives each file one embedding: compute it once
-        self.teacher_cache: dict[int, torch.Tensor] | None = (
+        self.teacher_cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None = (
             {} if self.teacher is not None and cfg.data.cache_images and not cfg.data.random_crop else None)
         self.ckpt = CheckpointManager(self.output_dir, cfg.checkpoint.keep_last, self.rank)
         self.step = 0
@@ -173,17 +186,28 @@ class TokenizerTrainer:
         return self.ckpt.save(self.engine, self.step, self.state_dict(), meta)
 
     @torch.no_grad()
-    def teacher_embeddings(self, images: torch.Tensor) -> torch.Tensor | None:
+    def teacher_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pooled embedding and, with ``loss.distill_tokens``, the token embeddings of a batch."""
+        if self.cfg.loss.distill_tokens > 0:
+            tokens = self.teacher.token_embeddings(images)  # only called with a teacher
+            return (tokens.mean(1) if getattr(self.teacher, "pooling", None) == "tokens" else self.teacher(images)), tokens
+        return self.teacher(images), None
+
+    def teacher_embeddings(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.teacher is None:
-            return None
+            return None, None
         if self.teacher_cache is None:
-            return self.teacher(images)
+            return self.teacher_outputs(images)
         idx = self.stream.last_indices
         todo = [j for j, i in enumerate(idx) if i not in self.teacher_cache]
         if todo:
-            for j, emb in zip(todo, self.teacher(images[todo]).cpu()):
-                self.teacher_cache[idx[j]] = emb
-        return torch.stack([self.teacher_cache[i] for i in idx]).to(images.device)
+            emb, tokens = self.teacher_outputs(images[todo])
+            for k, j in enumerate(todo):
+                self.teacher_cache[idx[j]] = (emb[k].cpu(), None if tokens is None else tokens[k].cpu())
+        cached = [self.teacher_cache[i] for i in idx]
+        emb = torch.stack([c[0] for c in cached]).to(images.device)
+        tokens = None if cached[0][1] is None else torch.stack([c[1] for c in cached]).to(images.device)
+        return emb, tokens
 
     def gan_active(self) -> bool:
         return self.disc is not None and self.step >= self.cfg.loss.gan_start
@@ -193,10 +217,10 @@ class TokenizerTrainer:
         accum = self.cfg.optim.grad_accum
         for _ in range(accum):
             images = next(self.stream).to(self.engine.device)
-            teacher_emb = self.teacher_embeddings(images)
+            teacher_emb, teacher_tokens = self.teacher_embeddings(images)
             out = self.engine(images)
             losses = tokenizer_losses(out, images, teacher_emb, self.cfg.loss, self.perceptual, self.teacher,
-                                      self.model.config.patch_size)
+                                      self.model.config.patch_size, teacher_tokens)
             total = losses.total
             extra: dict[str, float] = {}
             if self.gan_active():

@@ -58,8 +58,8 @@ def step_teacher(args: argparse.Namespace) -> str:
     run_cmd([sys.executable, "-m", "tokenizer.teacher", "--data", str(Path(args.out) / "data" / "shapeworld"),
              "--out", str(out), "--steps", steps])
     meta = json.loads((out / "config.json").read_text())
-    return (f"ShapeWorld teacher in {out} (val counts acc {meta['val_exact_counts_acc']}, "
-            f"presence acc {meta['val_exact_presence_acc']})")
+    return (f"ShapeWorld teacher in {out} (val exact accuracy: counts {meta['val_exact_counts_acc']}, "
+            f"presence {meta['val_exact_presence_acc']}, per-cell objects {meta.get('val_exact_cells_acc', 'n/a')})")
 
 
 def _stage_overrides(args: argparse.Namespace) -> list[str]:

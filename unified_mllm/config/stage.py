@@ -35,6 +35,9 @@ class LLMConfig:
 class ProjectorConfig:
     type: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
     """Understanding projector from vision features to LLM embeddings (LLaVA-1.5 uses mlp2x_gelu)."""
+    slot_embedding: bool = False
+    """Add a learned embedding per image slot to the projected tokens, so the LLM knows which region a token stands
+    for (WinTok's semantic tokens carry content, not their place; "is the circle left of the square?" needs it)."""
 
 
 @dataclass

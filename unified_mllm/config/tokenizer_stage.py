@@ -73,6 +73,12 @@ class TokenizerLossConfig:
     """Temperature of the entropy loss."""
     distill: float = 1.0
     """Weight of 1 − cos(teacher embedding, mean semantic token); semantic tokens only."""
+    distill_tokens: float = 0.0
+    """Weight of per-token distillation (not in the released recipe): 1 − cos between semantic token i and the
+    teacher's patch tokens pooled to the same square grid (SigLIP's last hidden state; the ShapeWorld teacher's
+    last feature map), so each semantic token describes one region and a language model can look objects up in
+    them. Semantic tokens only; needs num_semantic_tokens a square and the teacher's token width = semantic_dim.
+    0: off."""
     edge: float = 0.0
     """Weight of the L1 distance between the horizontal and vertical pixel differences of reconstruction and
     original (sharp edges; not in the released recipe). 0: off."""
@@ -80,6 +86,9 @@ class TokenizerLossConfig:
     """Weight of a term that gives patches with identical pixels (within a batch) the same soft code assignment, so
     a flat background is not coded differently depending on the rest of the image (not in the released recipe;
     uses entropy_temp as the softmax temperature). 0: off."""
+    patch_consistency_min_share: float = 0.0
+    """patch_consistency only for groups of identical patches holding at least this share of a batch's patches
+    (0.2: a flat background, not the interiors of objects). 0: every group of two or more."""
     teacher_features: float = 0.0
     """Weight of a perceptual loss in the frozen teacher's conv feature maps (LPIPS-style: channel-normalised
     squared distance, summed over its four stages) between reconstruction and original — an LPIPS stand-in that
@@ -103,10 +112,12 @@ class TokenizerLossConfig:
     """Discriminator learning rate (null: optim.lr)."""
 
     def __post_init__(self) -> None:
-        for name in ("l1", "l2", "vq", "entropy", "distill", "edge", "patch_consistency", "teacher_features", "perceptual",
+        for name in ("l1", "l2", "vq", "entropy", "distill", "distill_tokens", "edge", "patch_consistency", "teacher_features", "perceptual",
                      "gan"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.entropy_temp > 0, "entropy_temp", f"must be > 0, got {self.entropy_temp}")
+        check(0 <= self.patch_consistency_min_share < 1, "patch_consistency_min_share",
+              f"must be in [0, 1), got {self.patch_consistency_min_share}")
 
 
 @dataclass

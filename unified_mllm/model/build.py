@@ -74,6 +74,7 @@ def build_model(model_cfg: ModelConfig, cfg_drop: CFGDropConfig, text_loss_weigh
     config = UnifiedConfig(
         llm_config=llm.config.to_dict(), special_ids=ids.to_dict(), vision=vision_sizes(wintok),
         understanding_input=model_cfg.understanding_input, projector_type=model_cfg.projector.type,
+        projector_slot_embedding=model_cfg.projector.slot_embedding,
         gen_embedding=model_cfg.generation.embedding, gen_head=model_cfg.generation.head,
         depth_layers=model_cfg.generation.depth_layers, cfg_drop_prob=cfg_drop.drop_prob,
         uncond_prompt=cfg_drop.uncond_prompt, new_token_ids=new_ids, wintok_hash=wintok.identity_hash())

@@ -39,6 +39,8 @@ class UnifiedConfig:
     """semantic | pixel | both."""
     projector_type: str = "mlp2x_gelu"
     """Understanding projector."""
+    projector_slot_embedding: bool = False
+    """A learned embedding per image slot is added to the projected tokens."""
     gen_embedding: str = "sum"
     """sum | causal_proj."""
     gen_head: str = "depth"

@@ -17,7 +17,8 @@ def _mlp(kind: str, d_in: int, d_out: int) -> nn.Module:
 
 
 class UnderstandingProjector(nn.Module):
-    """semantic: N projected semantic tokens; pixel: P summed sub-code embeddings, projected; both: N + P."""
+    """semantic: N projected semantic tokens; pixel: P summed sub-code embeddings, projected; both: N + P; plus a
+    learned embedding per slot when ``projector_slot_embedding``."""
 
     def __init__(self, config: UnifiedConfig, hidden_size: int):
         super().__init__()
@@ -28,6 +29,8 @@ class UnderstandingProjector(nn.Module):
         if self.mode in ("pixel", "both"):
             self.code_embed = nn.ModuleList(nn.Embedding(v.codebook_size, hidden_size) for _ in range(v.num_codebooks))
             self.pixel = _mlp(config.projector_type, hidden_size, hidden_size)
+        self.slot_embed = (nn.Parameter(torch.randn(config.num_und_slots, hidden_size) * 0.02)
+                           if config.projector_slot_embedding else None)
 
     def forward(self, semantic: torch.Tensor | None, pixel_codes: torch.Tensor | None) -> torch.Tensor:
         """semantic (M, N, Ds), pixel_codes (M, C, P) → (M, K, H) with K the number of slots per image."""
@@ -41,4 +44,5 @@ class UnderstandingProjector(nn.Module):
                 raise ValueError("understanding_input needs pixel codes (und_pixel_codes) for every image")
             emb = sum(e(pixel_codes[:, i]) for i, e in enumerate(self.code_embed))  # (M, P, H)
             parts.append(self.pixel(emb))
-        return torch.cat(parts, dim=1)
+        out = torch.cat(parts, dim=1)
+        return out if self.slot_embed is None else out + self.slot_embed.to(out.dtype)
