@@ -43,9 +43,10 @@ def grounding_questions(data: str | Path, split: str = "heldin", max_scenes: int
         shapes, colours = Counter(o["shape"] for o in objs), Counter(o["color"] for o in objs)
         present = sorted({(o["color"], o["shape"]) for o in objs})
 
-        def add(probe: str, question: str, answer: str, **extra) -> None:
-            questions.append({"probe": probe, "question": question, "answer": answer, "image_path": str(image),
-                              "scene": scene["id"], **extra})
+        base = {"image_path": str(image), "scene": scene["id"]}
+
+        def add(probe: str, question: str, answer: str, base: dict = base, **extra) -> None:
+            questions.append({"probe": probe, "question": question, "answer": answer, **base, **extra})
 
         for o in objs:
             if shapes[o["shape"]] == 1:
