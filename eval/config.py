@@ -146,6 +146,19 @@ class ShapeWorldBenchConfig:
 
 
 @dataclass
+class GroundingConfig:
+    enabled: bool = False
+    """Run the question-grounding check (eval.grounding): answers that must change with the question's words."""
+    split: Split = "heldin"
+    """Split whose scenes are asked about."""
+    max_scenes: int = 150
+    """Scenes of two or more objects to ask about."""
+
+    def __post_init__(self) -> None:
+        check(self.max_scenes >= 1, "max_scenes", f"must be >= 1, got {self.max_scenes}")
+
+
+@dataclass
 class SuiteConfig:
     description: str = ""
     """What this suite is for."""
@@ -159,6 +172,8 @@ class SuiteConfig:
     """Image sampling settings shared by the generation parts."""
     shapeworld: ShapeWorldBenchConfig = field(default_factory=ShapeWorldBenchConfig)
     """The ShapeWorld bench."""
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
+    """Whether answers follow the question's words (ShapeWorld scenes)."""
     lmms_eval: LmmsEvalConfig = field(default_factory=LmmsEvalConfig)
     """Understanding benchmarks through lmms-eval."""
     geneval: GenEvalConfig = field(default_factory=GenEvalConfig)

@@ -137,7 +137,19 @@ def run_dpg(cfg: SuiteConfig, pipe, out: Path, log) -> tuple[list[Entry], dict, 
     return entries, summary, samples
 
 
-PARTS = {"lmms_eval": run_lmms, "shapeworld": run_shapeworld, "geneval": run_geneval, "dpg": run_dpg}
+def run_grounding(cfg: SuiteConfig, pipe, out: Path, log) -> tuple[list[Entry], dict, list]:
+    from eval import grounding
+
+    c = cfg.grounding
+    result = grounding.run(None, cfg.data, c.split, c.max_scenes, out / "grounding.json",
+                           cfg.sampling.batch_size, pipe=pipe)
+    entries = [Entry("shapeworld_grounding", c.split, probe, float(r["accuracy"]), int(r["n"]),
+                     "eval.grounding.score", False) for probe, r in result["probes"].items()]
+    log("[grounding] " + ", ".join(f"{p} {r['accuracy']:.2f}" for p, r in result["probes"].items()))
+    return entries, {"files": str(out / "grounding.json"), "probes": result["probes"]}, []
+
+
+PARTS = {"lmms_eval": run_lmms, "shapeworld": run_shapeworld, "grounding": run_grounding, "geneval": run_geneval, "dpg": run_dpg}
 """Run order: lmms-eval first, in its own process, before this one loads the model (one copy on the GPU at a time)."""
 
 

@@ -469,7 +469,7 @@ def suite_run(export: Path, sw_data: Path, lmms_env: dict, tmp_path_factory):
     sets = [f"data={sw_data}", "device=cpu", "sampling.batch_size=8", "shapeworld.max_questions=12",
             "shapeworld.max_prompts=3", "shapeworld.num_images=1", "lmms_eval.shapeworld_kinds=[pope,vqa,mmbench]",
             "lmms_eval.shapeworld_splits=[heldin]", "lmms_eval.limit=3", "lmms_eval.batch_size=4",
-            "geneval.max_prompts=3", "geneval.num_images=2", "dpg.max_prompts=2", "grid_samples=6"]
+            "geneval.max_prompts=3", "geneval.num_images=2", "dpg.max_prompts=2", "grid_samples=6", "grounding.max_scenes=3"]
     if not HAVE_LMMS:
         sets.append("lmms_eval.enabled=false")
     args = ["-m", "eval.suite", "--checkpoint", str(export), "--config", "eval_configs/shapeworld.yaml",
@@ -482,7 +482,8 @@ def test_suite_writes_every_number_with_its_provenance(suite_run, pipe, sw_data)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert all(p["status"] == "ok" for p in summary["parts"].values())
-    assert set(summary["parts"]) == {"shapeworld", "geneval", "dpg"} | ({"lmms_eval"} if HAVE_LMMS else set())
+    assert set(summary["parts"]) == {"shapeworld", "grounding", "geneval", "dpg"} | (
+        {"lmms_eval"} if HAVE_LMMS else set())
     entries = summary["entries"]
     for e in entries:
         assert set(e) == {"benchmark", "split", "metric", "value", "samples", "scorer", "official", "note"}
@@ -491,6 +492,7 @@ def test_suite_writes_every_number_with_its_provenance(suite_run, pipe, sw_data)
     benches = {(e["benchmark"], e["split"]) for e in entries}
     for split in ("heldin", "heldout"):
         assert {("shapeworld_understanding", split), ("shapeworld_generation", split)} <= benches
+    assert ("shapeworld_grounding", "heldin") in benches
     assert ("geneval_layout", "shapeworld_heldout") in benches and ("dpg_layout_shapeworld", "shapeworld_heldin") in benches
     overall = {(e["benchmark"], e["split"]): e for e in entries if e["metric"] == "overall"}
     assert overall[("shapeworld_understanding", "heldin")]["samples"] == 12

@@ -33,13 +33,14 @@ def test_fast_quickstart_runs_and_resumes(tmp_path: Path) -> None:
         assert (out / stage / "metrics.jsonl").read_text().strip()
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert {p: v["status"] for p, v in summary["parts"].items()} == {
-        "shapeworld": "ok", "lmms_eval": "ok", "geneval": "ok", "dpg": "ok"}
+        "shapeworld": "ok", "grounding": "ok", "lmms_eval": "ok", "geneval": "ok", "dpg": "ok"}
     for entry in summary["entries"]:
         assert {"benchmark", "split", "metric", "value", "samples", "scorer", "official"} <= set(entry)
     got = {(e["benchmark"], e["split"], e["metric"]) for e in summary["entries"]}
     for direction in ("understanding", "generation"):
         for split in ("heldin", "heldout"):
             assert (f"shapeworld_{direction}", split, "overall") in got
+    assert ("shapeworld_grounding", "heldin", "presence_swapped") in got
     assert (out / "eval" / "samples.png").is_file() and (out / "loss_curves.png").is_file()
     report = (out / "report.md").read_text()
     # score against steps: the mixed stage's intermediate export (step 3) and its final one (step 6)
