@@ -110,6 +110,25 @@ def test_token_distillation_matches_regions_and_touches_only_semantic_tokens() -
         assert all(p.grad is None or p.grad.abs().sum() == 0 for p in module.parameters())
 
 
+def test_hf_vision_teacher_gives_pooled_and_patch_tokens(tmp_path: Path) -> None:
+    """A local SigLIP vision tower (tiny, random): the embedding is its pooled output, the tokens its patches, both
+    from one pass; a WinTok whose semantic width matches distils toward them."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from tokenizer.losses import token_distillation
+    from tokenizer.teacher import load_teacher
+
+    cfg = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             image_size=32, patch_size=8)
+    SiglipVisionModel(cfg).save_pretrained(tmp_path / "siglip")
+    teacher = load_teacher("hf_vision", str(tmp_path / "siglip"))
+    x = torch.rand(2, 3, 64, 64) * 2 - 1  # resized to the tower's 32 px
+    emb, tokens = teacher.embed_and_tokens(x)
+    assert emb.shape == (2, 16) and tokens.shape == (2, 16, 16) and teacher.token_dim == 16
+    assert torch.allclose(emb, teacher(x), atol=1e-5)
+    assert float(token_distillation(torch.randn(2, 4, 16), tokens)) > 0  # 4×4 patches pooled to 2×2
+
+
 def test_teacher_feature_loss_reaches_the_pixel_path_only_and_is_zero_on_a_perfect_copy() -> None:
     from tokenizer.teacher import ShapeWorldTeacher
 

@@ -71,6 +71,11 @@ class ShapeWorldTeacher(nn.Module):
     def token_dim(self) -> int:
         return self.embed_dim
 
+    def embed_and_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedding and the token embeddings from one pass."""
+        tokens = self.token_embeddings(x)
+        return tokens.mean(1), tokens
+
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The activation after each of the four conv stages (32², 16², 8², 4² for 64 px input)."""
         maps = []
@@ -116,10 +121,18 @@ class HFVisionTeacher(nn.Module):
 
     def token_embeddings(self, x: torch.Tensor) -> torch.Tensor:
         """The vision tower's last hidden state at the patch positions (B, P, hidden), a CLS token dropped."""
+        return self.embed_and_tokens(x)[1]
+
+    def embed_and_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled embedding (as ``forward``) and the patch tokens from one pass of the tower."""
         tower = getattr(self.model, "vision_model", self.model)
-        hidden = tower(pixel_values=self._pixels(x)).last_hidden_state
+        out = tower(pixel_values=self._pixels(x))
+        pooled = out.pooler_output
+        if hasattr(self.model, "visual_projection"):  # CLIP: get_image_features projects the pooled output
+            pooled = self.model.visual_projection(pooled)
+        hidden = out.last_hidden_state
         side = self.image_size // int(getattr(tower.config, "patch_size", 1) or 1)
-        return hidden[:, -side * side:] if hidden.shape[1] == side * side + 1 else hidden
+        return pooled, (hidden[:, -side * side:] if hidden.shape[1] == side * side + 1 else hidden)
 
     @property
     def token_dim(self) -> int:

@@ -189,8 +189,7 @@ class TokenizerTrainer:
     def teacher_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The pooled embedding and, with ``loss.distill_tokens``, the token embeddings of a batch."""
         if self.cfg.loss.distill_tokens > 0:
-            tokens = self.teacher.token_embeddings(images)  # only called with a teacher
-            return (tokens.mean(1) if getattr(self.teacher, "pooling", None) == "tokens" else self.teacher(images)), tokens
+            return self.teacher.embed_and_tokens(images)
         return self.teacher(images), None
 
     def teacher_embeddings(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
