@@ -190,11 +190,13 @@ def test_teacher_cli_trains_and_loads(shapeworld: Path, tmp_path: Path) -> None:
     assert tokens.shape == (2, 4, 16) and torch.allclose(tokens.mean(1), teacher(x), atol=1e-6)
     assert not any(p.requires_grad for p in teacher.parameters())
     assert "val_exact_cells_acc" in json.loads((tmp_path / "t" / "config.json").read_text())
-    # the stage distils the semantic tokens one by one toward it
-    res = train(tmp_path / "run", shapeworld, 1, "teacher.kind=shapeworld", f"teacher.path={tmp_path / 't'}",
-                "loss.distill_tokens=1.0", "model.overrides.semantic_dim=16")
+    # the stage distils the semantic tokens one by one toward it; 13 steps × 8 > 96 images: the second epoch reads
+    # the teacher's outputs from its cache
+    res = train(tmp_path / "run", shapeworld, 13, "teacher.kind=shapeworld", f"teacher.path={tmp_path / 't'}",
+                "loss.distill_tokens=1.0", "model.overrides.semantic_dim=16", "checkpoint.save_every=100")
     assert res.returncode == 0, res.stderr[-2000:]
-    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss/distill_tokens"] > 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 13 and all(r["loss/distill_tokens"] > 0 for r in rows)
     # a teacher saved before token embeddings existed: one clear error naming the fix
     cfg = json.loads((tmp_path / "t" / "config.json").read_text())
     (tmp_path / "t" / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "pooling"}))

@@ -126,9 +126,12 @@ class TokenizerTrainer:
         self.stream = ImageStream(files, self.model.config.image_size, cfg.optim.micro_batch_size, cfg.seed,
                                   self.rank, self.world_size, cfg.data.random_crop, cfg.data.on_bad_sample,
                                   cache=cfg.data.cache_images)
-        # a frozen teacher on un-cropped images gives each file one embedding: compute it once
+        # a frozen teacher on un-cropped images gives each file one embedding: compute it once — when a file is seen
+        # more than once at all (the ShapeWorld preset sees 38,400 of 50,000 images once: a cache would only hold memory)
+        seen = cfg.optim.max_steps * cfg.optim.micro_batch_size * cfg.optim.grad_accum * self.world_size
         self.teacher_cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None = (
-            {} if self.teacher is not None and cfg.data.cache_images and not cfg.data.random_crop else None)
+            {} if self.teacher is not None and cfg.data.cache_images and not cfg.data.random_crop
+            and seen > len(files) else None)
         self.ckpt = CheckpointManager(self.output_dir, cfg.checkpoint.keep_last, self.rank)
         self.step = 0
         self.resumed_from = self.maybe_resume()
