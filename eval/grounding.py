@@ -34,53 +34,49 @@ def grounding_questions(data: str | Path, split: str = "heldin", max_scenes: int
     data = Path(data)
     scenes = read_jsonl(data / f"scenes_test_{split}.jsonl", required=("id", "objects"))
     scenes = [s for s in scenes if len(s["objects"]) >= 2][:max_scenes]
+    if not scenes:
+        raise EvalError(f"{data}/scenes_test_{split}.jsonl: no scene with two or more objects")
     questions = []
-    for scene in scenes:
+    for n, scene in enumerate(scenes):
         image = data / "images" / f"test_{split}" / f"{scene['id'].rsplit('-', 1)[1]}.png"
         if not image.is_file():
             raise EvalError(f"{image}: image of scene {scene['id']} not found; regenerate the data")
         objs = scene["objects"]
-        shapes, colours = Counter(o["shape"] for o in objs), Counter(o["color"] for o in objs)
+        shapes, colours = Counter(o["shape"] for o in objs), sorted({o["color"] for o in objs})
         present = sorted({(o["color"], o["shape"]) for o in objs})
-
-        base = {"image_path": str(image), "scene": scene["id"]}
-
-        def add(probe: str, question: str, answer: str, base: dict = base, **extra) -> None:
-            questions.append({"probe": probe, "question": question, "answer": answer, **base, **extra})
-
-        for o in objs:
-            if shapes[o["shape"]] == 1:
-                add("colour_of_shape", f"What color is the {o['shape']}?", o["color"],
-                    scene_colours=sorted(colours))
-        for c, s in present:
-            add("presence_present", f"Is there a {c} {s}?", "yes")
-        for c, s in [(c, s) for c in sorted(colours) for s in sorted(shapes) if (c, s) not in present][:2]:
-            add("presence_swapped", f"Is there a {c} {s}?", "no")
         absent = [c for c in COLORS if c not in colours]
-        if absent:
-            add("presence_absent_colour", f"Is there a {absent[len(questions) % len(absent)]} {objs[0]['shape']}?",
-                "no")
-    if not questions:
-        raise EvalError(f"{data}/scenes_test_{split}.jsonl: no scene with two or more objects")
+        asked = [("colour_of_shape", f"What color is the {o['shape']}?", o["color"])
+                 for o in objs if shapes[o["shape"]] == 1]
+        asked += [("presence_present", f"Is there a {c} {s}?", "yes") for c, s in present]
+        swapped = [(c, s) for c in colours for s in sorted(shapes) if (c, s) not in present][:2]
+        asked += [("presence_swapped", f"Is there a {c} {s}?", "no") for c, s in swapped]
+        if absent:  # a different absent colour from scene to scene
+            asked.append(("presence_absent_colour", f"Is there a {absent[n % len(absent)]} {objs[0]['shape']}?", "no"))
+        questions += [{"probe": probe, "question": q, "answer": a, "image_path": str(image), "scene": scene["id"],
+                       "scene_colours": colours} for probe, q, a in asked]
     return questions
 
 
+EXTRAS = {"colour_of_shape": "any_object_colour", "presence_present": "says_yes", "presence_swapped": "says_yes",
+          "presence_absent_colour": "says_yes"}
+"""What each probe reports beside its accuracy: how often the answer is a colour of the scene, or is yes."""
+
+
 def score(questions: list[dict], predictions: list[str]) -> dict:
-    """Accuracy per probe, plus how often the model says yes (presence) or names a colour of the scene."""
+    """Accuracy per probe, and the rate of :data:`EXTRAS` (yes for presence, any scene colour for colour_of_shape)."""
     out: dict[str, dict] = {}
     for q, pred in zip(questions, predictions):
         words = normalize_answer(pred).split()
         first = words[0] if words else ""
-        r = out.setdefault(q["probe"], {"n": 0, "accuracy": 0.0, "says_yes": 0.0, "any_object_colour": 0.0})
+        extra = EXTRAS[q["probe"]]
+        r = out.setdefault(q["probe"], {"n": 0, "accuracy": 0, extra: 0})
         r["n"] += 1
         r["accuracy"] += first == q["answer"]
-        r["says_yes"] += first == "yes"
-        r["any_object_colour"] += first in q.get("scene_colours", ())
+        r[extra] += first == "yes" if extra == "says_yes" else first in q["scene_colours"]
     for r in out.values():
-        for k in ("accuracy", "says_yes", "any_object_colour"):
-            r[k] = round(r[k] / r["n"], 4)
-        if r["any_object_colour"] == 0.0:
-            r.pop("any_object_colour")
+        for k in r:
+            if k != "n":
+                r[k] = round(r[k] / r["n"], 4)
     return {p: out[p] for p in PROBES if p in out}
 
 
@@ -111,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     result = run(a.checkpoint, a.data, a.split, a.max_scenes, a.out, a.batch_size, a.device, a.dtype)
     for probe, r in result["probes"].items():
-        extra = "".join(f", {k} {r[k]:.2f}" for k in ("says_yes", "any_object_colour") if k in r and
-                        (k != "says_yes" or probe.startswith("presence")))
-        print(f"{probe:<24} n={r['n']:<4} accuracy {r['accuracy']:.2f}{extra}")
+        print(f"{probe:<24} n={r['n']:<4} accuracy {r['accuracy']:.2f}, {EXTRAS[probe]} {r[EXTRAS[probe]]:.2f}")
     return 0
 
 

@@ -578,6 +578,8 @@ def test_grounding_check_tells_a_reader_of_the_question_from_one_of_the_image(sw
     assert s["presence_present"]["accuracy"] == 1.0 and s["presence_swapped"]["accuracy"] == 0.0
     assert s["presence_absent_colour"]["says_yes"] == 1.0 and s["colour_of_shape"]["any_object_colour"] == 1.0
     assert s["colour_of_shape"]["accuracy"] < 0.8
+    mute = grounding.score(qs, ["" for _ in qs])  # a zero rate is reported, not dropped
+    assert mute["colour_of_shape"]["any_object_colour"] == 0.0 and mute["presence_swapped"]["says_yes"] == 0.0
     res = grounding.run(export, sw_data, max_scenes=3, out=tmp_path / "g.json", pipe=pipe)
     assert json.loads((tmp_path / "g.json").read_text())["probes"] == res["probes"]
     assert len(res["records"]) == sum(r["n"] for r in res["probes"].values())

@@ -89,11 +89,13 @@ def test_distillation_touches_only_semantic_tokens() -> None:
 
 
 def test_token_distillation_matches_regions_and_touches_only_semantic_tokens() -> None:
-    from tokenizer.losses import token_distillation
+    from tokenizer.losses import pool_tokens, token_distillation
 
     torch.manual_seed(0)
     teacher_tokens = torch.randn(2, 16, 8)  # a 4×4 teacher grid
     pooled = teacher_tokens.view(2, 2, 2, 2, 2, 8).mean((2, 4)).reshape(2, 4, 8)  # its 2×2 average: the target
+    assert torch.allclose(pool_tokens(teacher_tokens, 4), pooled, atol=1e-6)
+    assert pool_tokens(teacher_tokens, 16) is teacher_tokens
     assert float(token_distillation(pooled, teacher_tokens)) == pytest.approx(0.0, abs=1e-6)
     assert float(token_distillation(pooled.flip(1), teacher_tokens)) > 0.1  # the right content in the wrong region
     with pytest.raises(ValueError, match="num_semantic_tokens"):
@@ -113,6 +115,7 @@ def test_token_distillation_matches_regions_and_touches_only_semantic_tokens() -
 def test_hf_vision_teacher_gives_pooled_and_patch_tokens(tmp_path: Path) -> None:
     """A local SigLIP vision tower (tiny, random): the embedding is its pooled output, the tokens its patches, both
     from one pass; a WinTok whose semantic width matches distils toward them."""
+    import torch.nn.functional as F
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     from tokenizer.losses import token_distillation
@@ -126,6 +129,12 @@ def test_hf_vision_teacher_gives_pooled_and_patch_tokens(tmp_path: Path) -> None
     emb, tokens = teacher.embed_and_tokens(x)
     assert emb.shape == (2, 16) and tokens.shape == (2, 16, 16) and teacher.token_dim == 16
     assert torch.allclose(emb, teacher(x), atol=1e-5)
+    # the targets are SigLIP's own outputs on the teacher's preprocessing: pooled output and the 4×4 patch states
+    tower = SiglipVisionModel.from_pretrained(tmp_path / "siglip").eval()
+    with torch.no_grad():
+        ref = tower(pixel_values=(F.interpolate((x + 1) / 2, size=(32, 32), mode="bicubic", align_corners=False)
+                                  - 0.5) / 0.5)
+    assert torch.allclose(emb, ref.pooler_output, atol=1e-5) and torch.allclose(tokens, ref.last_hidden_state, atol=1e-5)
     assert float(token_distillation(torch.randn(2, 4, 16), tokens)) > 0  # 4×4 patches pooled to 2×2
 
 

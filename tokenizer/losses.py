@@ -26,12 +26,12 @@ class TokenizerLosses:
     reconstruction: torch.Tensor
     """The weighted pixel terms (L1, L2, edge, perceptual, teacher features): what the GAN's adaptive weight is
     measured against."""
-    distill_tokens: torch.Tensor | None = None
+    distill_tokens: torch.Tensor
 
     def scalars(self) -> dict[str, float]:
         names = ("total", "l1", "l2", "vq", "entropy", "distill", "distill_tokens", "edge", "perceptual",
                  "teacher_features", "consistency")
-        return {f"loss/{k}": float(getattr(self, k).detach()) for k in names if getattr(self, k) is not None}
+        return {f"loss/{k}": float(getattr(self, k).detach()) for k in names}
 
 
 def edge_loss(rec: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -88,20 +88,30 @@ def entropy_loss(sim: torch.Tensor, temperature: float) -> torch.Tensor:
     return (per_sample - codebook).mean()
 
 
-def token_distillation(semantic: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
-    """1 − cos between each semantic token and the teacher's tokens on the same square grid, mean over tokens.
+def _square_side(n: int, what: str) -> int:
+    side = round(n ** 0.5)
+    if side * side != n:
+        raise ValueError(f"loss.distill_tokens: needs square token grids, got {n} {what}; set "
+                         f"model.overrides.num_semantic_tokens to a square (16, 64, 256)")
+    return side
 
-    ``semantic`` (B, N, D), ``teacher_tokens`` (B, T, D); both N and T are square grids (row-major), and the
-    teacher's is average-pooled to N cells, so semantic token i stands for the i-th region of the image."""
-    n, t = semantic.shape[1], teacher_tokens.shape[1]
-    side_n, side_t = round(n ** 0.5), round(t ** 0.5)
-    if side_n * side_n != n or side_t * side_t != t:
-        raise ValueError(f"loss.distill_tokens: needs square token grids, got {n} semantic tokens and {t} teacher "
-                         f"tokens; set model.overrides.num_semantic_tokens to a square (16, 64, 256)")
-    target = teacher_tokens
-    if side_t != side_n:
-        grid = teacher_tokens.transpose(1, 2).reshape(-1, teacher_tokens.shape[2], side_t, side_t)
-        target = F.adaptive_avg_pool2d(grid.float(), side_n).flatten(2).transpose(1, 2)
+
+def pool_tokens(tokens: torch.Tensor, n: int) -> torch.Tensor:
+    """A square grid of tokens (B, T, D), row-major, average-pooled to a square grid of ``n`` (unchanged when T = n)."""
+    side_t, side_n = _square_side(tokens.shape[1], "teacher tokens"), _square_side(n, "semantic tokens")
+    if side_t == side_n:
+        return tokens
+    grid = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side_t, side_t)
+    return F.adaptive_avg_pool2d(grid.float(), side_n).flatten(2).transpose(1, 2)
+
+
+def token_distillation(semantic: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
+    """1 − cos between each semantic token and the teacher's token of the same region, mean over tokens.
+
+    ``semantic`` (B, N, D), ``teacher_tokens`` (B, T, D), both square grids (row-major); the teacher's grid is
+    average-pooled to N cells (:func:`pool_tokens`; the trainer pools once, before caching), so semantic token i
+    stands for the i-th region of the image."""
+    target = pool_tokens(teacher_tokens, semantic.shape[1])
     return (1.0 - F.cosine_similarity(semantic.float(), target.float(), dim=-1)).mean()
 
 

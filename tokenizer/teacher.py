@@ -114,17 +114,16 @@ class HFVisionTeacher(nn.Module):
         return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._pixels(x)
-        if hasattr(self.model, "get_image_features"):
-            return self.model.get_image_features(pixel_values=x)
-        return self.model(pixel_values=x).pooler_output
+        """The pooled embedding: the tower's pooled output (SigLIP), projected where the model projects it (CLIP's
+        ``get_image_features``)."""
+        return self.embed_and_tokens(x)[0]
 
     def token_embeddings(self, x: torch.Tensor) -> torch.Tensor:
         """The vision tower's last hidden state at the patch positions (B, P, hidden), a CLS token dropped."""
         return self.embed_and_tokens(x)[1]
 
     def embed_and_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pooled embedding (as ``forward``) and the patch tokens from one pass of the tower."""
+        """The pooled embedding and the patch tokens from one pass of the tower."""
         tower = getattr(self.model, "vision_model", self.model)
         out = tower(pixel_values=self._pixels(x))
         pooled = out.pooler_output

@@ -15,7 +15,7 @@ from torch import nn
 from tokenizer.config import WinTokConfig
 from tokenizer.data import ImageStream, list_images
 from tokenizer.gan import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
-from tokenizer.losses import tokenizer_losses
+from tokenizer.losses import pool_tokens, tokenizer_losses
 from tokenizer.lpips import lpips_from_paths
 from tokenizer.model import WinTok
 from tokenizer.teacher import load_teacher
@@ -87,18 +87,14 @@ class TokenizerTrainer:
                 raise ValueError(f"teacher.path: the teacher's embedding is {dim}-d but the semantic tokens are "
                                  f"{self.model.config.semantic_dim}-d; set model.overrides.semantic_dim: {dim}")
         if cfg.loss.distill_tokens > 0 and self.teacher is not None:  # teacher.kind none: no distillation at all
-            try:
-                token_dim = self.teacher.token_dim
-            except AttributeError:
-                token_dim = None
-            if token_dim != self.model.config.semantic_dim:
-                raise ValueError(f"loss.distill_tokens: the teacher's tokens are {token_dim}-d but the semantic tokens "
-                                 f"are {self.model.config.semantic_dim}-d; set model.overrides.semantic_dim: "
-                                 f"{token_dim} or loss.distill_tokens: 0")
             if getattr(self.teacher, "pooling", "tokens") != "tokens":
                 raise ValueError(f"loss.distill_tokens: the ShapeWorld teacher at {cfg.teacher.path} was saved without "
                                  f"token embeddings; retrain it with `python -m tokenizer.teacher --data DIR --out "
                                  f"{cfg.teacher.path}` or set loss.distill_tokens: 0")
+            if self.teacher.token_dim != self.model.config.semantic_dim:
+                raise ValueError(f"loss.distill_tokens: the teacher's tokens are {self.teacher.token_dim}-d but the "
+                                 f"semantic tokens are {self.model.config.semantic_dim}-d; set "
+                                 f"model.overrides.semantic_dim: {self.teacher.token_dim} or loss.distill_tokens: 0")
         if cfg.loss.teacher_features > 0 and not hasattr(self.teacher, "feature_maps"):
             raise ValueError(f"loss.teacher_features: teacher.kind {cfg.teacher.kind!r} has no conv feature maps; "
                              f"use teacher.kind: shapeworld, or LPIPS (loss.lpips_vgg16 + loss.lpips_linear)")
@@ -190,9 +186,11 @@ class TokenizerTrainer:
 
     @torch.no_grad()
     def teacher_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The pooled embedding and, with ``loss.distill_tokens``, the token embeddings of a batch."""
+        """The pooled embedding and, with ``loss.distill_tokens``, the token embeddings of a batch, already pooled to
+        the semantic-token grid (so neither the loss nor the cache handles the teacher's full grid)."""
         if self.cfg.loss.distill_tokens > 0:
-            return self.teacher.embed_and_tokens(images)
+            emb, tokens = self.teacher.embed_and_tokens(images)
+            return emb, pool_tokens(tokens, self.model.config.num_semantic_tokens)
         return self.teacher(images), None
 
     def teacher_embeddings(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -59,7 +59,7 @@ def step_teacher(args: argparse.Namespace) -> str:
              "--out", str(out), "--steps", steps])
     meta = json.loads((out / "config.json").read_text())
     return (f"ShapeWorld teacher in {out} (val exact accuracy: counts {meta['val_exact_counts_acc']}, "
-            f"presence {meta['val_exact_presence_acc']}, per-cell objects {meta.get('val_exact_cells_acc', 'n/a')})")
+            f"presence {meta['val_exact_presence_acc']}, per-cell objects {meta['val_exact_cells_acc']})")
 
 
 def _stage_overrides(args: argparse.Namespace) -> list[str]:
