@@ -453,6 +453,31 @@ def test_shapeworld_judge_fails_texture_read_as_many_shapes() -> None:
         assert not ok and "objects detected" in reason
 
 
+def test_shapeworld_judge_fails_a_shape_among_fragments() -> None:
+    """An image of fragments (what a barely trained generator draws) in which one blob happens to read as a circle
+    is not a scene of a circle: the grader counts every foreground blob, read as a shape or not. The same circle
+    alone passes, and so do real scenes of MAX_OBJECTS shapes."""
+    from unified_mllm.shapeworld.grade import grade_generation
+    from unified_mllm.shapeworld.judge import detect_scene
+    from unified_mllm.shapeworld.render import render
+    from unified_mllm.shapeworld.scene import COLORS, MAX_OBJECTS, Scene, ShapeObject
+
+    spec = {"tag": "single_object", "include": [{"class": "circle", "count": 1}]}
+    alone = np.asarray(render(Scene([ShapeObject("circle", "red", 0.25, 0.25, 0.3)]), 64)).copy()
+    assert grade_generation(Image.fromarray(alone), spec)[0]
+    fragments = alone.copy()
+    for i in range(MAX_OBJECTS):  # thin 2-px bars: foreground blobs too long and thin to be any kind of shape
+        fragments[40 + 5 * (i % 2): 42 + 5 * (i % 2), 4 + 15 * i: 16 + 15 * i] = list(COLORS.values())[i]
+    dets, blobs = detect_scene(Image.fromarray(fragments))
+    assert [d.shape for d in dets] == ["circle"] and blobs == MAX_OBJECTS + 1
+    ok, reason = grade_generation(Image.fromarray(fragments), spec)
+    assert not ok and "foreground blobs" in reason
+    full = Scene([ShapeObject(s, "blue", 0.2 + 0.55 * (i % 2), 0.2 + 0.55 * (i // 2), 0.2)
+                  for i, s in enumerate(("circle", "square", "triangle", "diamond"))])
+    assert grade_generation(render(full, 64), {"tag": "two_object", "include": [{"class": "circle", "count": 1},
+                                                                                {"class": "diamond", "count": 1}]})[0]
+
+
 def test_shapeworld_bench_bad_input_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "vqa_heldin.jsonl").write_text('{"image": "x.png", "question": "q"}\n')
     with pytest.raises(EvalError, match=r"vqa_heldin.jsonl:1: missing answer, category"):

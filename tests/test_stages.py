@@ -155,6 +155,22 @@ def test_lora_with_gradient_checkpointing_trains_and_exports_merged(world: dict,
     assert any("q_proj" in n for n in moved), "LoRA training stopped after the intermediate export"
 
 
+def test_text_only_recipe_trains_without_a_pretokenize_cache(world: dict, tmp_path: Path) -> None:
+    """Text conversations (task: text, no image: ShareGPT-style data in a LLaVA mix) read no image, so a recipe of
+    only those needs no `unified_mllm.data.pretokenize` run."""
+    convs = [{"id": str(i), "conversations": [{"from": "human", "value": f"What is {i} plus one?"},
+                                              {"from": "gpt", "value": str(i + 1)}]} for i in range(40)]
+    (tmp_path / "text.json").write_text(json.dumps(convs))
+    recipe = tmp_path / "text_only.yaml"
+    recipe.write_text(f"sources:\n  - {{name: chat, format: llava_json, path: {tmp_path / 'text.json'}, task: text}}\n")
+    out = tmp_path / "text"
+    res = run(stage_cmd(world, "sft", out, 2, f"data.recipe={recipe}"), world)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = losses(out)
+    assert sorted(got) == [1, 2] and all(0 < v < 100 for v in got.values())
+    assert not (Path(world["env"]["UMLLM_PRETOKENIZED"]) / "text_only").exists()
+
+
 def test_nan_loss_stops_before_the_update_and_names_the_step(world: dict, tmp_path: Path) -> None:
     out = tmp_path / "nan"
     res = run(stage_cmd(world, "sft", out, 3, "optim.text_loss_weight=nan"), world)

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from PIL import Image
 
-from unified_mllm.shapeworld.judge import Detection, detect
+from unified_mllm.shapeworld.judge import Detection, detect_scene
 from unified_mllm.shapeworld.scene import MAX_OBJECTS, holds
 
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -21,9 +21,12 @@ GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position",
 
 def grade_generation(image: Image.Image | list[Detection], spec: dict) -> tuple[bool, str]:
     """Whether ``image`` satisfies ``spec``, with the reason when it does not."""
-    dets = image if isinstance(image, list) else detect(image)
+    dets, blobs = (image, len(image)) if isinstance(image, list) else detect_scene(image)
     if len(dets) > MAX_OBJECTS:  # texture or noise read as many shapes would pass every "at least N" clause
         return False, f"{len(dets)} objects detected; a ShapeWorld scene holds at most {MAX_OBJECTS}"
+    if blobs > MAX_OBJECTS:  # noise or fragments: a few of many blobs pass as shapes, as a detector would not
+        return False, (f"{blobs} foreground blobs ({len(dets)} read as shapes); a ShapeWorld scene holds at most "
+                       f"{MAX_OBJECTS}")
     for req in spec.get("include", []):
         matches = [d for d in dets if d.shape == req["class"] and ("color" not in req or d.color == req["color"])]
         what = f"{req.get('color', '') + ' ' if 'color' in req else ''}{req['class']}"

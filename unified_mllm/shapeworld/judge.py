@@ -117,6 +117,12 @@ def detect(image: Image.Image | np.ndarray, min_area_frac: float = 0.006) -> lis
     Foreground blobs are found first (robust to colour bleeding at edges, as JPEG and blur cause); a blob whose
     pixels fall into two or more palette colours in substantial shares is split by colour (touching shapes).
     """
+    return detect_scene(image, min_area_frac)[0]
+
+
+def detect_scene(image: Image.Image | np.ndarray, min_area_frac: float = 0.006) -> tuple[list[Detection], int]:
+    """:func:`detect`'s shapes and the number of foreground blobs of at least the minimum area, whether read as a
+    shape or not (a generated image of noise or fragments has many blobs of which a few happen to pass as shapes)."""
     arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     H, W = arr.shape[:2]
     dist = np.linalg.norm(arr - np.array(BACKGROUND, dtype=np.float32), axis=-1)  # (H, W)
@@ -124,6 +130,7 @@ def detect(image: Image.Image | np.ndarray, min_area_frac: float = 0.006) -> lis
     nearest = np.argmin(((arr[:, :, None, :] - _PALETTE[None, None]) ** 2).sum(-1), axis=-1)  # (H, W)
     min_area = max(4, int(min_area_frac * H * W))
     found: list[Detection] = []
+    blobs = 0
     labels, _ = ndimage.label(fg)
     for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None:
@@ -132,6 +139,7 @@ def detect(image: Image.Image | np.ndarray, min_area_frac: float = 0.006) -> lis
         area = int(comp.sum())
         if area < min_area:
             continue
+        blobs += 1
         share = np.bincount(nearest[sl][comp], minlength=len(_NAMES)) / area
         major = [k for k in range(len(_NAMES)) if share[k] >= 0.25 and share[k] * area >= min_area]
         if len(major) <= 1:
@@ -149,4 +157,4 @@ def detect(image: Image.Image | np.ndarray, min_area_frac: float = 0.006) -> lis
                     det = _detection(part, full, arr, dist, H, W)
                     if det is not None:
                         found.append(det)
-    return sorted(found, key=lambda d: -d.area)
+    return sorted(found, key=lambda d: -d.area), blobs

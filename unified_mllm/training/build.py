@@ -27,7 +27,10 @@ def build_data(cfg: StageConfig, model, tokenizer, rank: int, world_size: int):
     recipe = load_recipe(cfg.data.recipe)
     wintok = model.wintok
     # the hash recorded at build time: under ZeRO-3 the live WinTok parameters are partitioned
-    cache = cache_dir_for(cfg.data.recipe, recipe, model.config.wintok_hash) if wintok is not None else None
+    # a recipe of text-only sources (task: text) reads no image, so it needs no pretokenize cache
+    has_images = any(src.task != "text" for src in recipe.sources)
+    cache = (cache_dir_for(cfg.data.recipe, recipe, model.config.wintok_hash)
+             if wintok is not None and has_images else None)
     if cache is not None and not cache.is_dir() and not recipe.online_tokenization:
         raise FileNotFoundError(f"{cache}: no pretokenize cache for {cfg.data.recipe} with this WinTok; run "
                                 f"`python -m unified_mllm.data.pretokenize --recipe {cfg.data.recipe} --wintok "
