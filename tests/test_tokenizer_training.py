@@ -303,5 +303,5 @@ def test_wintok_init_matches_the_released_recipe() -> None:
     assert 0.9 < float(model.query_tokens.detach().std()) < 1.1
     assert torch.allclose(model.query_tokens_pos_embed[0, : c.hidden_size // 2], torch.zeros(c.hidden_size // 2))
     bound = c.codebook_dim**-0.5 / 36
-    assert all(float(b.codebook.weight.abs().max()) <= bound for b in model.quantizer.codebooks)
+    assert all(float(b.codebook.weight.detach().abs().max()) <= bound for b in model.quantizer.codebooks)
     assert float(model.decoder.vision_model.encoder.layers[0].mlp.fc1.weight.detach().std()) < 0.03
