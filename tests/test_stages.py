@@ -169,6 +169,8 @@ def test_text_only_recipe_trains_without_a_pretokenize_cache(world: dict, tmp_pa
     got = losses(out)
     assert sorted(got) == [1, 2] and all(0 < v < 100 for v in got.values())
     assert not (Path(world["env"]["UMLLM_PRETOKENIZED"]) / "text_only").exists()
+    config = json.loads((out / "export" / "unified_config.json").read_text())
+    assert config["chat_template"], "a text-only stage's export must carry the chat template it trained with"
 
 
 def test_nan_loss_stops_before_the_update_and_names_the_step(world: dict, tmp_path: Path) -> None:

@@ -11,17 +11,19 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 
+import numpy as np
 from PIL import Image
 
-from unified_mllm.shapeworld.judge import Detection, detect_scene
+from unified_mllm.shapeworld.judge import detect_scene
 from unified_mllm.shapeworld.scene import MAX_OBJECTS, holds
 
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
-def grade_generation(image: Image.Image | list[Detection], spec: dict) -> tuple[bool, str]:
-    """Whether ``image`` satisfies ``spec``, with the reason when it does not."""
-    dets, blobs = (image, len(image)) if isinstance(image, list) else detect_scene(image)
+def grade_generation(image: Image.Image | np.ndarray, spec: dict) -> tuple[bool, str]:
+    """Whether ``image`` satisfies ``spec``, with the reason when it does not. It takes the image, not detections:
+    the scene check counts the foreground blobs that no detection stands for."""
+    dets, blobs = detect_scene(image)
     if len(dets) > MAX_OBJECTS:  # texture or noise read as many shapes would pass every "at least N" clause
         return False, f"{len(dets)} objects detected; a ShapeWorld scene holds at most {MAX_OBJECTS}"
     if blobs > MAX_OBJECTS:  # noise or fragments: a few of many blobs pass as shapes, as a detector would not
