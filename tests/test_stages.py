@@ -78,6 +78,8 @@ def test_align_sft_t2i_chain_and_mixed(world: dict, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     records = [json.loads(x) for x in (tmp_path / "mixed" / "metrics.jsonl").read_text().splitlines()]
     assert {k for r in records for k in r if k.startswith("loss/")} <= {"loss/understanding", "loss/generation"}
+    # each step kind's own speed beside the window's (one step per window here: exactly its task's)
+    assert all(r[f"tokens_per_s/{k.split('/', 1)[1]}"] > 0 for r in records for k in r if k.startswith("loss/"))
 
 
 def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(world: dict, tmp_path: Path) -> None:

@@ -142,7 +142,9 @@ def _free_port() -> int:
 
 
 FAST_STEPS = 6
-FAST_STAGE = [f"optim.max_steps={FAST_STEPS}", "optim.micro_batch_size=4", "checkpoint.save_every=3", "logging.log_every=1"]
+FAST_MICRO_BATCH = 4
+FAST_STAGE = [f"optim.max_steps={FAST_STEPS}", f"optim.micro_batch_size={FAST_MICRO_BATCH}", "checkpoint.save_every=3",
+              "logging.log_every=1"]
 
 
 def launcher_command(run: Path, stage: str, output_dir: Path, init_from: Path | None, zero: str = "zero2",
@@ -164,15 +166,36 @@ CURVE_POINTS = 4
 """The last stage of the chain exports this many times (the last is its final export): the score-vs-steps curve."""
 
 
-def stage_command(args: argparse.Namespace, stage: str, prev: str | None) -> list[str]:
-    """The quickstart's command of one stage of its chain (ZeRO-2, one process); the last stage also writes
-    intermediate exports for the score-vs-steps curve."""
+def stage_procs() -> int:
+    """Processes per MLLM stage: two where there are two cores or more. On 2 cores, two single-threaded processes ran
+    the mixed stage 1.23× faster than one process on two threads (NOTES.md, session 7): this model's ops are too
+    small for intra-op threading to pay."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def stage_env(args: argparse.Namespace, procs: int) -> dict:
+    """The stage's environment: the cores shared out among its processes (unless the user set OMP_NUM_THREADS)."""
+    env = _env(args)
+    env.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // procs, 1)))
+    return env
+
+
+def stage_command(args: argparse.Namespace, stage: str, prev: str | None, procs: int = 1) -> list[str]:
+    """The quickstart's command of one stage of its chain (ZeRO-2, ``procs`` processes, each with its share of the
+    preset's micro-batch, so the global batch is the preset's); the last stage also writes intermediate exports for
+    the score-vs-steps curve."""
     out = Path(args.out)
     extra = list(FAST_STAGE if args.fast else ())
+    micro = FAST_MICRO_BATCH if args.fast else load_stage_config(stage).optim.micro_batch_size
+    if procs > 1:
+        if micro % procs:
+            raise ValueError(f"stage {stage}: micro_batch_size {micro} does not split over {procs} processes")
+        extra.append(f"optim.micro_batch_size={micro // procs}")
     if stage == _chain(args)[-1]:
         every = FAST_STEPS // 2 if args.fast else max(load_stage_config(stage).optim.max_steps // CURVE_POINTS, 1)
         extra.append(f"checkpoint.export_every={every}")
-    return launcher_command(out, stage, out / stage, out / prev / "export" if prev else None, extra=extra)
+    return launcher_command(out, stage, out / stage, out / prev / "export" if prev else None, procs=procs,
+                            extra=extra)
 
 
 def stage_summary(metrics: Path) -> dict:
@@ -180,19 +203,29 @@ def stage_summary(metrics: Path) -> dict:
     windows, start-up, left out when there are more)."""
     recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     recs = [r for r in recs if "loss" in r]
-    tps = [r["tokens_per_s"] for r in (recs[2:] if len(recs) > 2 else recs) if "tokens_per_s" in r]
+    steady = recs[2:] if len(recs) > 2 else recs
+    tps = [r["tokens_per_s"] for r in steady if "tokens_per_s" in r]
+    by_task: dict[str, list[float]] = {}
+    for r in steady:
+        for k, v in r.items():
+            if k.startswith("tokens_per_s/"):
+                by_task.setdefault(k.split("/", 1)[1], []).append(v)
     return {"steps": recs[-1]["step"], "loss_start": recs[0]["loss"], "loss_end": recs[-1]["loss"],
-            "tokens_per_s": sum(tps) / max(len(tps), 1)}
+            "tokens_per_s": sum(tps) / max(len(tps), 1),
+            "tokens_per_s_by_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())}}
 
 
 def make_stage_step(stage: str) -> Step:
     def run(args: argparse.Namespace) -> str:
         chain = _chain(args)
         prev = chain[chain.index(stage) - 1] if chain.index(stage) else None
-        run_cmd(stage_command(args, stage, prev), env=_env(args))
+        procs = stage_procs()
+        run_cmd(stage_command(args, stage, prev, procs), env=stage_env(args, procs))
         f = stage_summary(Path(args.out) / stage / "metrics.jsonl")
+        kinds = f["tokens_per_s_by_task"]
+        each = f" ({', '.join(f'{t} {v:.0f}' for t, v in kinds.items())})" if len(kinds) > 1 else ""
         return (f"{stage}: {f['steps']} steps, loss {f['loss_start']:.3f} → {f['loss_end']:.3f}, "
-                f"{f['tokens_per_s']:.0f} tokens/s; export {Path(args.out) / stage / 'export'}")
+                f"{f['tokens_per_s']:.0f} tokens/s{each}; export {Path(args.out) / stage / 'export'}")
 
     return Step(stage, run, needs="unified_mllm.training")
 

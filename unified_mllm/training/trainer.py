@@ -98,10 +98,11 @@ class StageTrainer:
     def train_step(self, data_iter) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches. Raises NonFiniteLoss before applying a bad update."""
         totals: dict[str, float] = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0, "tokens": 0.0}
-        task = None
+        tasks: list[str] = []
         for _ in range(self.cfg.optim.grad_accum):
             batch = next(data_iter)
-            task = batch.get("task", task)
+            task = batch.get("task")
+            tasks.append(task)
             sources = batch.get("sources", [])
             out = self.engine(**build.model_inputs(batch, self.engine.device), touch_unused=True)
             finite = all_reduce_sum(float(not bool(torch.isfinite(out.loss.detach()).item())))
@@ -119,7 +120,8 @@ class StageTrainer:
         self.step += 1
         n = self.cfg.optim.grad_accum
         return {"loss": totals["loss"] / n, "text_loss": totals["text_loss"] / n,
-                "image_loss": totals["image_loss"] / n, "tokens": totals["tokens"], "task": task}
+                "image_loss": totals["image_loss"] / n, "tokens": totals["tokens"],
+                "task": "+".join(sorted({str(t) for t in tasks}))}  # micro-batches of different tasks: "a+b"
 
     def fit(self) -> int:
         cfg = self.cfg
@@ -132,20 +134,29 @@ class StageTrainer:
                             f"{type(inner).__name__}, {self.precision}, {self.world_size} process(es)")
         data_iter = iter(self.loader)
         window_tokens, window_start = 0.0, time.time()
+        by_task: dict[str, list[float]] = {}  # task → [tokens, seconds] of this window's steps of that task
         try:
             while self.step < cfg.optim.max_steps:
+                step_start = time.time()
                 metrics = self.train_step(data_iter)
                 window_tokens += metrics["tokens"]
+                acc = by_task.setdefault(metrics["task"], [0.0, 0.0])
+                acc[0] += metrics["tokens"]
+                acc[1] += time.time() - step_start
                 if self.step % cfg.logging.log_every == 0 or self.step == cfg.optim.max_steps:
                     elapsed = max(time.time() - window_start, 1e-9)
                     tokens_per_s = all_reduce_sum(window_tokens) / elapsed
                     record = {"loss": metrics["loss"], f"loss/{metrics['task']}": metrics["loss"],
                               "text_loss": metrics["text_loss"], "image_loss": metrics["image_loss"],
                               "lr": self.engine.get_lr()[0], "tokens_per_s": tokens_per_s}
+                    # the window mixes step kinds (mixed stage): each kind's own speed, from its steps' time alone
+                    # (every rank draws the same task sequence, so the keys and the reduction agree across ranks)
+                    record.update({f"tokens_per_s/{t}": all_reduce_sum(tok) / max(sec, 1e-9)
+                                   for t, (tok, sec) in sorted(by_task.items())})
                     record.update({f"skipped/{k}": v for k, v in self.loader.stats().items()})
                     self.logger.log(self.step, record)
                     self.logger.progress(self.step, {"loss": metrics["loss"], "tok/s": round(tokens_per_s)})
-                    window_tokens, window_start = 0.0, time.time()
+                    window_tokens, window_start, by_task = 0.0, time.time(), {}
                 if self.step % cfg.checkpoint.save_every == 0 and self.step < cfg.optim.max_steps:
                     self.save()
                 every = cfg.checkpoint.export_every
