@@ -1,0 +1,95 @@
+"""One process on every core against one single-threaded process per core, for one MLLM stage on CPU.
+
+    python scripts/bench/procs.py [--run runs/quickstart] [--stage mixed] [--steps 100] [--procs 2] [--json J]
+
+The quickstart runs its MLLM stages as ``stage_procs()`` processes with the cores shared out among them; this
+measures that choice against the plain alternative (one process, intra-op threads on every core) in the same run:
+the same stage, steps and global batch (the preset's micro-batch split over the processes), from the run's
+``align`` export. Time is the wall time between the logged steps ``--warm`` and the last (start-up, the first
+compile of DeepSpeed's ops and the final export left out); tokens/s per step kind come from ``tokens_per_s/<task>``
+in ``metrics.jsonl``. Prints both rows and the ratio (>1: the multi-process form is faster).
+Needs what the quickstart made under ``--run`` (``bash scripts/quickstart.sh``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def timed_window(metrics: Path, warm: int) -> dict:
+    recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    recs = [r for r in recs if "loss" in r]
+    first = next(r for r in recs if r["step"] >= warm)
+    last = recs[-1]
+    kinds: dict[str, list[float]] = {}
+    for r in recs:
+        if r["step"] > first["step"]:
+            for k, v in r.items():
+                if k.startswith("tokens_per_s/"):
+                    kinds.setdefault(k.split("/", 1)[1], []).append(v)
+    return {"steps": last["step"] - first["step"], "seconds": last["time"] - first["time"],
+            "tokens_per_s_by_task": {t: sum(v) / len(v) for t, v in sorted(kinds.items())}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default="runs/quickstart", help="the quickstart's run directory")
+    p.add_argument("--stage", default="mixed")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--warm", type=int, default=10, help="timing starts at this logged step")
+    p.add_argument("--procs", type=int, default=2, help="processes of the multi-process form")
+    p.add_argument("--json", default=None, help="also write the figures here")
+    a = p.parse_args(argv)
+    run = Path(a.run).resolve()
+    for need in ("wintok", "text_tokenizer", "pretokenized", "align/export"):
+        if not (run / need).exists():
+            print(f"error: {run / need} is missing; run `bash scripts/quickstart.sh` first (or --run DIR)",
+                  file=sys.stderr)
+            return 2
+    sys.path.insert(0, str(ROOT))
+    from unified_mllm.config import load_stage_config
+    from unified_mllm.quickstart import launcher_command
+
+    micro = load_stage_config(a.stage).optim.micro_batch_size
+    if micro % a.procs:
+        print(f"error: the preset's micro_batch_size {micro} does not split over {a.procs} processes",
+              file=sys.stderr)
+        return 2
+    cores = os.cpu_count() or 1
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_procs_") as tmp:
+        for procs in (1, a.procs):
+            out = Path(tmp) / f"p{procs}"
+            cmd = launcher_command(run, a.stage, out, run / "align" / "export", procs=procs, extra=[
+                f"optim.max_steps={a.steps}", f"optim.micro_batch_size={micro // procs}", "logging.log_every=10",
+                f"checkpoint.save_every={a.steps + 1}"])
+            env = {**os.environ, "SHAPEWORLD_DIR": str(run / "data" / "shapeworld"),
+                   "UMLLM_PRETOKENIZED": str(run / "pretokenized"), "OMP_NUM_THREADS": str(max(cores // procs, 1))}
+            res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            if res.returncode:
+                print(res.stderr[-3000:], file=sys.stderr)
+                print(f"error: the {procs}-process run failed (exit {res.returncode})", file=sys.stderr)
+                return 1
+            rows.append({"procs": procs, "threads_per_proc": max(cores // procs, 1),
+                         **timed_window(out / "metrics.jsonl", a.warm)})
+    for r in rows:
+        kinds = ", ".join(f"{t} {v:,.0f}" for t, v in r["tokens_per_s_by_task"].items())
+        print(f"{r['procs']} process(es) × {r['threads_per_proc']} thread(s): {r['steps']} steps in "
+              f"{r['seconds']:.1f} s ({r['seconds'] / r['steps']:.3f} s/step); tokens/s {kinds}")
+    ratio = (rows[0]["seconds"] / rows[0]["steps"]) / (rows[1]["seconds"] / rows[1]["steps"])
+    print(f"ratio (time per step, 1 process / {a.procs} processes): {ratio:.2f}x")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"stage": a.stage, "rows": rows, "ratio": ratio}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
