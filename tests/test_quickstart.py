@@ -69,11 +69,12 @@ def test_failed_step_names_itself_and_how_to_resume(tmp_path: Path) -> None:
 def test_stage_summary_gives_each_step_kind_its_own_speed(tmp_path: Path) -> None:
     from unified_mllm.quickstart import stage_summary
 
-    rows = [{"step": s, "loss": 2.0 - s / 10, "tokens_per_s": 1000.0,
-             f"tokens_per_s/{'generation' if s % 3 == 0 else 'understanding'}": 600.0 if s % 3 == 0 else 1500.0}
-            for s in range(1, 8)]
+    kind = {s: "generation" if s % 3 == 0 else "understanding" for s in range(1, 8)}
+    rows = [{"step": s, "loss": 2.0 - s / 10, f"loss/{kind[s]}": 2.0 - s / 10, "tokens_per_s": 1000.0,
+             f"tokens_per_s/{kind[s]}": 600.0 if kind[s] == "generation" else 1500.0} for s in range(1, 8)]
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [{"message": "start"}, *rows]) + "\n")
     got = stage_summary(path)
     assert got["steps"] == 7 and got["loss_start"] == 1.9 and got["loss_end"] == 1.3
     assert got["tokens_per_s_by_task"] == {"generation": 600.0, "understanding": 1500.0}
+    assert got["loss_by_task"] == {"generation": (1.7, 1.4), "understanding": (1.9, 1.3)}

@@ -203,6 +203,11 @@ def stage_summary(metrics: Path) -> dict:
     windows, start-up, left out when there are more)."""
     recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     recs = [r for r in recs if "loss" in r]
+    by_task_loss: dict[str, list[float]] = {}  # task → its first and last logged loss
+    for r in recs:
+        for k, v in r.items():
+            if k.startswith("loss/"):
+                by_task_loss.setdefault(k.split("/", 1)[1], [v, v])[1] = v
     steady = recs[2:] if len(recs) > 2 else recs
     tps = [r["tokens_per_s"] for r in steady if "tokens_per_s" in r]
     by_task: dict[str, list[float]] = {}
@@ -212,7 +217,8 @@ def stage_summary(metrics: Path) -> dict:
                 by_task.setdefault(k.split("/", 1)[1], []).append(v)
     return {"steps": recs[-1]["step"], "loss_start": recs[0]["loss"], "loss_end": recs[-1]["loss"],
             "tokens_per_s": sum(tps) / max(len(tps), 1),
-            "tokens_per_s_by_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())}}
+            "tokens_per_s_by_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())},
+            "loss_by_task": {t: tuple(v) for t, v in sorted(by_task_loss.items())}}
 
 
 def make_stage_step(stage: str) -> Step:
@@ -222,10 +228,12 @@ def make_stage_step(stage: str) -> Step:
         procs = stage_procs()
         run_cmd(stage_command(args, stage, prev, procs), env=stage_env(args, procs))
         f = stage_summary(Path(args.out) / stage / "metrics.jsonl")
-        kinds = f["tokens_per_s_by_task"]
+        kinds, losses = f["tokens_per_s_by_task"], f["loss_by_task"]
         each = f" ({', '.join(f'{t} {v:.0f}' for t, v in kinds.items())})" if len(kinds) > 1 else ""
-        return (f"{stage}: {f['steps']} steps, loss {f['loss_start']:.3f} → {f['loss_end']:.3f}, "
-                f"{f['tokens_per_s']:.0f} tokens/s{each}; export {Path(args.out) / stage / 'export'}")
+        loss = (", ".join(f"{t} loss {a:.3f} → {b:.3f}" for t, (a, b) in losses.items()) if len(losses) > 1
+                else f"loss {f['loss_start']:.3f} → {f['loss_end']:.3f}")
+        return (f"{stage}: {f['steps']} steps, {loss}, {f['tokens_per_s']:.0f} tokens/s{each}; "
+                f"export {Path(args.out) / stage / 'export'}")
 
     return Step(stage, run, needs="unified_mllm.training")
 

@@ -134,29 +134,38 @@ class StageTrainer:
                             f"{type(inner).__name__}, {self.precision}, {self.world_size} process(es)")
         data_iter = iter(self.loader)
         window_tokens, window_start = 0.0, time.time()
-        by_task: dict[str, list[float]] = {}  # task → [tokens, seconds] of this window's steps of that task
+        window = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}  # sums over the window's steps
+        by_task: dict[str, list[float]] = {}  # task → [tokens, seconds, loss sum, steps] of the window's steps of it
         try:
             while self.step < cfg.optim.max_steps:
                 step_start = time.time()
                 metrics = self.train_step(data_iter)
                 window_tokens += metrics["tokens"]
-                acc = by_task.setdefault(metrics["task"], [0.0, 0.0])
+                for k in window:
+                    window[k] += metrics[k]
+                acc = by_task.setdefault(metrics["task"], [0.0, 0.0, 0.0, 0])
                 acc[0] += metrics["tokens"]
                 acc[1] += time.time() - step_start
+                acc[2] += metrics["loss"]
+                acc[3] += 1
                 if self.step % cfg.logging.log_every == 0 or self.step == cfg.optim.max_steps:
                     elapsed = max(time.time() - window_start, 1e-9)
                     tokens_per_s = all_reduce_sum(window_tokens) / elapsed
-                    record = {"loss": metrics["loss"], f"loss/{metrics['task']}": metrics["loss"],
-                              "text_loss": metrics["text_loss"], "image_loss": metrics["image_loss"],
-                              "lr": self.engine.get_lr()[0], "tokens_per_s": tokens_per_s}
-                    # the window mixes step kinds (mixed stage): each kind's own speed, from its steps' time alone
-                    # (every rank draws the same task sequence, so the keys and the reduction agree across ranks)
-                    record.update({f"tokens_per_s/{t}": all_reduce_sum(tok) / max(sec, 1e-9)
-                                   for t, (tok, sec) in sorted(by_task.items())})
+                    steps = sum(a[3] for a in by_task.values())
+                    # means over the window's steps (as the HF Trainer logs), and per step kind over its own steps:
+                    # the mixed stage's understanding and generation losses differ several-fold
+                    record = {k: v / steps for k, v in window.items()}
+                    record.update({f"loss/{t}": a[2] / a[3] for t, a in sorted(by_task.items())})
+                    record.update({"lr": self.engine.get_lr()[0], "tokens_per_s": tokens_per_s})
+                    # each kind's own speed, from its steps' time alone (every rank draws the same task sequence,
+                    # so the keys and the reductions agree across ranks)
+                    record.update({f"tokens_per_s/{t}": all_reduce_sum(a[0]) / max(a[1], 1e-9)
+                                   for t, a in sorted(by_task.items())})
                     record.update({f"skipped/{k}": v for k, v in self.loader.stats().items()})
                     self.logger.log(self.step, record)
-                    self.logger.progress(self.step, {"loss": metrics["loss"], "tok/s": round(tokens_per_s)})
+                    self.logger.progress(self.step, {"loss": record["loss"], "tok/s": round(tokens_per_s)})
                     window_tokens, window_start, by_task = 0.0, time.time(), {}
+                    window = dict.fromkeys(window, 0.0)
                 if self.step % cfg.checkpoint.save_every == 0 and self.step < cfg.optim.max_steps:
                     self.save()
                 every = cfg.checkpoint.export_every
