@@ -168,7 +168,8 @@ CURVE_POINTS = 4
 
 def stage_procs() -> int:
     """Processes per MLLM stage: two where there are two cores or more. On 2 cores, two single-threaded processes ran
-    the mixed stage 1.23× faster than one process on two threads (NOTES.md, session 7): this model's ops are too
+    the mixed stage 1.23–1.34× faster per step than one process on two threads (NOTES.md, session 7;
+    `scripts/bench/procs.py` measures it): this model's ops are too
     small for intra-op threading to pay."""
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 
