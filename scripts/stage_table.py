@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -43,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {run / need} is missing; run `bash scripts/quickstart.sh` first (or --run DIR)",
                   file=sys.stderr)
             return 2
-    env = {**os.environ, "SHAPEWORLD_DIR": str(run / "data" / "shapeworld"),
-           "UMLLM_PRETOKENIZED": str(run / "pretokenized")}
     sys.path.insert(0, str(ROOT))
     from unified_mllm.config import load_stage_config
-    from unified_mllm.quickstart import launcher_command, stage_summary
+    from unified_mllm.quickstart import launcher_command, run_env, stage_summary
+
+    env = run_env(run)
 
     stages = [x.strip() for x in a.stages.split(",") if x.strip()]
     for recipe in dict.fromkeys(load_stage_config(stage).data.recipe for stage in stages):

@@ -78,3 +78,21 @@ def test_stage_summary_gives_each_step_kind_its_own_speed(tmp_path: Path) -> Non
     assert got["steps"] == 7 and got["loss_start"] == 1.9 and got["loss_end"] == 1.3
     assert got["tokens_per_s_by_task"] == {"generation": 600.0, "understanding": 1500.0}
     assert got["loss_by_task"] == {"generation": (1.7, 1.4), "understanding": (1.9, 1.3)}
+
+
+def test_stage_command_splits_the_presets_batch_over_the_processes() -> None:
+    import argparse
+
+    import pytest
+
+    from unified_mllm.config import load_stage_config
+    from unified_mllm.quickstart import micro_batch_per_proc, stage_command
+
+    args = argparse.Namespace(out="runs/x", fast=False, chain="align,mixed")
+    micro = load_stage_config("mixed").optim.micro_batch_size
+    cmd = stage_command(args, "mixed", "align", procs=2)
+    assert cmd[cmd.index("--num_gpus") + 1] == "2"
+    sets = [cmd[i + 1] for i, c in enumerate(cmd) if c == "--set"]
+    assert [s for s in sets if s.startswith("optim.micro_batch_size=")] == [f"optim.micro_batch_size={micro // 2}"]
+    with pytest.raises(ValueError, match="stage mixed: micro_batch_size 8 does not split over 3 processes"):
+        micro_batch_per_proc("mixed", 8, 3)

@@ -66,3 +66,23 @@ def test_rng_state_survives_weights_only_round_trip(tmp_path) -> None:
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(_from_safe(torch.load(tmp_path / "s.pt", weights_only=True)))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_log_window_means_per_task_and_speeds_per_step_kind() -> None:
+    from unified_mllm.training.metrics import LogWindow
+
+    now = [100.0]
+    window = LogWindow(clock=lambda: now[0])
+    steps = [("understanding", 6.0, 1.0, 400), ("understanding", 4.0, 1.0, 400), ("generation", 8.0, 2.0, 200)]
+    for task, loss, seconds, tokens in steps:
+        window.add({"task": task, "tokens": tokens, "loss": loss, "text_loss": loss - 1, "image_loss": 1.0}, seconds)
+    now[0] += 5.0  # the window's wall time: its steps (4 s) plus logging, checkpoints and data waits
+    got = window.record()
+    assert got["loss"] == pytest.approx(6.0) and got["text_loss"] == pytest.approx(5.0) and got["image_loss"] == 1.0
+    assert got["loss/understanding"] == pytest.approx(5.0) and got["loss/generation"] == pytest.approx(8.0)
+    assert got["tokens_per_s"] == pytest.approx(1000 / 5.0)
+    assert got["tokens_per_s/understanding"] == pytest.approx(400.0) and got["tokens_per_s/generation"] == 100.0
+    # two ranks: tokens are summed over them, losses stay this rank's means
+    two = window.record(reduce=lambda v: 2 * v)
+    assert two["tokens_per_s/generation"] == 200.0 and two["tokens_per_s"] == pytest.approx(400.0)
+    assert two["loss/understanding"] == got["loss/understanding"]

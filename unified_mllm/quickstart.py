@@ -104,10 +104,15 @@ def _data_dir(args: argparse.Namespace) -> Path:
     return Path(args.out) / "data" / "shapeworld"
 
 
+def run_env(run: Path) -> dict:
+    """The environment of a command on a quickstart run: the recipes read ShapeWorld from SHAPEWORLD_DIR; the
+    pretokenize cache lives inside the run directory."""
+    return {**os.environ, "SHAPEWORLD_DIR": str(Path(run) / "data" / "shapeworld"),
+            "UMLLM_PRETOKENIZED": str(Path(run) / "pretokenized")}
+
+
 def _env(args: argparse.Namespace) -> dict:
-    """The recipes read ShapeWorld from SHAPEWORLD_DIR; the pretokenize cache lives inside the run directory."""
-    return {**os.environ, "SHAPEWORLD_DIR": str(_data_dir(args)),
-            "UMLLM_PRETOKENIZED": str(Path(args.out) / "pretokenized")}
+    return run_env(Path(args.out))
 
 
 def step_text_tokenizer(args: argparse.Namespace) -> str:
@@ -143,8 +148,7 @@ def _free_port() -> int:
 
 FAST_STEPS = 6
 FAST_MICRO_BATCH = 4
-FAST_STAGE = [f"optim.max_steps={FAST_STEPS}", f"optim.micro_batch_size={FAST_MICRO_BATCH}", "checkpoint.save_every=3",
-              "logging.log_every=1"]
+FAST_STAGE = [f"optim.max_steps={FAST_STEPS}", "checkpoint.save_every=3", "logging.log_every=1"]
 
 
 def launcher_command(run: Path, stage: str, output_dir: Path, init_from: Path | None, zero: str = "zero2",
@@ -174,10 +178,21 @@ def stage_procs() -> int:
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
+def threads_per_proc(procs: int) -> int:
+    return max((os.cpu_count() or 1) // procs, 1)
+
+
+def micro_batch_per_proc(stage: str, micro: int, procs: int) -> int:
+    """The share of a global micro-batch of ``micro`` samples that each of ``procs`` processes takes."""
+    if micro % procs:
+        raise ValueError(f"stage {stage}: micro_batch_size {micro} does not split over {procs} processes")
+    return micro // procs
+
+
 def stage_env(args: argparse.Namespace, procs: int) -> dict:
     """The stage's environment: the cores shared out among its processes (unless the user set OMP_NUM_THREADS)."""
     env = _env(args)
-    env.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // procs, 1)))
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_proc(procs)))
     return env
 
 
@@ -188,10 +203,7 @@ def stage_command(args: argparse.Namespace, stage: str, prev: str | None, procs:
     out = Path(args.out)
     extra = list(FAST_STAGE if args.fast else ())
     micro = FAST_MICRO_BATCH if args.fast else load_stage_config(stage).optim.micro_batch_size
-    if procs > 1:
-        if micro % procs:
-            raise ValueError(f"stage {stage}: micro_batch_size {micro} does not split over {procs} processes")
-        extra.append(f"optim.micro_batch_size={micro // procs}")
+    extra.append(f"optim.micro_batch_size={micro_batch_per_proc(stage, micro, procs)}")
     if stage == _chain(args)[-1]:
         every = FAST_STEPS // 2 if args.fast else max(load_stage_config(stage).optim.max_steps // CURVE_POINTS, 1)
         extra.append(f"checkpoint.export_every={every}")
@@ -202,24 +214,29 @@ def stage_command(args: argparse.Namespace, stage: str, prev: str | None, procs:
 def stage_summary(metrics: Path) -> dict:
     """Loss at the first and last logged step and the mean tokens/s of a stage's metrics.jsonl (the first two
     windows, start-up, left out when there are more)."""
-    recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-    recs = [r for r in recs if "loss" in r]
-    by_task_loss: dict[str, list[float]] = {}  # task → its first and last logged loss
-    for r in recs:
-        for k, v in r.items():
-            if k.startswith("loss/"):
-                by_task_loss.setdefault(k.split("/", 1)[1], [v, v])[1] = v
+    recs = step_records(metrics)
     steady = recs[2:] if len(recs) > 2 else recs
     tps = [r["tokens_per_s"] for r in steady if "tokens_per_s" in r]
-    by_task: dict[str, list[float]] = {}
-    for r in steady:
-        for k, v in r.items():
-            if k.startswith("tokens_per_s/"):
-                by_task.setdefault(k.split("/", 1)[1], []).append(v)
     return {"steps": recs[-1]["step"], "loss_start": recs[0]["loss"], "loss_end": recs[-1]["loss"],
             "tokens_per_s": sum(tps) / max(len(tps), 1),
-            "tokens_per_s_by_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())},
-            "loss_by_task": {t: tuple(v) for t, v in sorted(by_task_loss.items())}}
+            "tokens_per_s_by_task": {t: sum(v) / len(v) for t, v in per_task(steady, "tokens_per_s").items()},
+            "loss_by_task": {t: (v[0], v[-1]) for t, v in per_task(recs, "loss").items()}}
+
+
+def step_records(metrics: Path) -> list[dict]:
+    """The logged-step records of a stage's metrics.jsonl (messages left out)."""
+    recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    return [r for r in recs if "loss" in r]
+
+
+def per_task(records: list[dict], name: str) -> dict[str, list[float]]:
+    """``name/<task>`` of the records, per task, in logged order."""
+    got: dict[str, list[float]] = {}
+    for r in records:
+        for k, v in r.items():
+            if k.startswith(name + "/"):
+                got.setdefault(k.split("/", 1)[1], []).append(v)
+    return dict(sorted(got.items()))
 
 
 def make_stage_step(stage: str) -> Step:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -25,18 +24,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def timed_window(metrics: Path, warm: int) -> dict:
-    recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-    recs = [r for r in recs if "loss" in r]
+    from unified_mllm.quickstart import per_task, step_records
+
+    recs = step_records(metrics)
     first = next(r for r in recs if r["step"] >= warm)
-    last = recs[-1]
-    kinds: dict[str, list[float]] = {}
-    for r in recs:
-        if r["step"] > first["step"]:
-            for k, v in r.items():
-                if k.startswith("tokens_per_s/"):
-                    kinds.setdefault(k.split("/", 1)[1], []).append(v)
-    return {"steps": last["step"] - first["step"], "seconds": last["time"] - first["time"],
-            "tokens_per_s_by_task": {t: sum(v) / len(v) for t, v in sorted(kinds.items())}}
+    after = [r for r in recs if r["step"] > first["step"]]
+    return {"steps": recs[-1]["step"] - first["step"], "seconds": recs[-1]["time"] - first["time"],
+            "tokens_per_s_by_task": {t: sum(v) / len(v) for t, v in per_task(after, "tokens_per_s").items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,29 +50,29 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     sys.path.insert(0, str(ROOT))
     from unified_mllm.config import load_stage_config
-    from unified_mllm.quickstart import launcher_command
+    from unified_mllm.quickstart import launcher_command, micro_batch_per_proc, run_env, threads_per_proc
 
     micro = load_stage_config(a.stage).optim.micro_batch_size
-    if micro % a.procs:
-        print(f"error: the preset's micro_batch_size {micro} does not split over {a.procs} processes",
-              file=sys.stderr)
+    try:
+        micro_batch_per_proc(a.stage, micro, a.procs)
+    except ValueError as e:
+        print(f"error: {e} (the preset's); choose --procs that divides it", file=sys.stderr)
         return 2
-    cores = os.cpu_count() or 1
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_procs_") as tmp:
         for procs in (1, a.procs):
             out = Path(tmp) / f"p{procs}"
             cmd = launcher_command(run, a.stage, out, run / "align" / "export", procs=procs, extra=[
-                f"optim.max_steps={a.steps}", f"optim.micro_batch_size={micro // procs}", "logging.log_every=10",
-                f"checkpoint.save_every={a.steps + 1}"])
-            env = {**os.environ, "SHAPEWORLD_DIR": str(run / "data" / "shapeworld"),
-                   "UMLLM_PRETOKENIZED": str(run / "pretokenized"), "OMP_NUM_THREADS": str(max(cores // procs, 1))}
+                f"optim.max_steps={a.steps}", f"optim.micro_batch_size={micro_batch_per_proc(a.stage, micro, procs)}",
+                "logging.log_every=10", f"checkpoint.save_every={a.steps + 1}"])
+            # both forms get the whole machine, whatever OMP_NUM_THREADS the caller has set
+            env = {**run_env(run), "OMP_NUM_THREADS": str(threads_per_proc(procs))}
             res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             if res.returncode:
                 print(res.stderr[-3000:], file=sys.stderr)
                 print(f"error: the {procs}-process run failed (exit {res.returncode})", file=sys.stderr)
                 return 1
-            rows.append({"procs": procs, "threads_per_proc": max(cores // procs, 1),
+            rows.append({"procs": procs, "threads_per_proc": threads_per_proc(procs),
                          **timed_window(out / "metrics.jsonl", a.warm)})
     for r in rows:
         kinds = ", ".join(f"{t} {v:,.0f}" for t, v in r["tokens_per_s_by_task"].items())

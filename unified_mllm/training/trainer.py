@@ -20,7 +20,7 @@ from unified_mllm.training.ds_config import (
     zero_stage,
 )
 from unified_mllm.training.freeze import apply_trainables, param_groups
-from unified_mllm.training.metrics import MetricsLogger
+from unified_mllm.training.metrics import LogWindow, MetricsLogger
 from unified_mllm.training.rng import rng_state, seed_everything, set_rng_state
 from unified_mllm.training.schedule import build_scheduler
 
@@ -133,39 +133,18 @@ class StageTrainer:
                             f"{', optimizer offload ' + offload if offload not in ('none', None) else ''}, "
                             f"{type(inner).__name__}, {self.precision}, {self.world_size} process(es)")
         data_iter = iter(self.loader)
-        window_tokens, window_start = 0.0, time.time()
-        window = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}  # sums over the window's steps
-        by_task: dict[str, list[float]] = {}  # task → [tokens, seconds, loss sum, steps] of the window's steps of it
+        window = LogWindow()
         try:
             while self.step < cfg.optim.max_steps:
                 step_start = time.time()
                 metrics = self.train_step(data_iter)
-                window_tokens += metrics["tokens"]
-                for k in window:
-                    window[k] += metrics[k]
-                acc = by_task.setdefault(metrics["task"], [0.0, 0.0, 0.0, 0])
-                acc[0] += metrics["tokens"]
-                acc[1] += time.time() - step_start
-                acc[2] += metrics["loss"]
-                acc[3] += 1
+                window.add(metrics, time.time() - step_start)
                 if self.step % cfg.logging.log_every == 0 or self.step == cfg.optim.max_steps:
-                    elapsed = max(time.time() - window_start, 1e-9)
-                    tokens_per_s = all_reduce_sum(window_tokens) / elapsed
-                    steps = sum(a[3] for a in by_task.values())
-                    # means over the window's steps (as the HF Trainer logs), and per step kind over its own steps:
-                    # the mixed stage's understanding and generation losses differ several-fold
-                    record = {k: v / steps for k, v in window.items()}
-                    record.update({f"loss/{t}": a[2] / a[3] for t, a in sorted(by_task.items())})
-                    record.update({"lr": self.engine.get_lr()[0], "tokens_per_s": tokens_per_s})
-                    # each kind's own speed, from its steps' time alone (every rank draws the same task sequence,
-                    # so the keys and the reductions agree across ranks)
-                    record.update({f"tokens_per_s/{t}": all_reduce_sum(a[0]) / max(a[1], 1e-9)
-                                   for t, a in sorted(by_task.items())})
+                    record = {**window.record(all_reduce_sum), "lr": self.engine.get_lr()[0]}
                     record.update({f"skipped/{k}": v for k, v in self.loader.stats().items()})
                     self.logger.log(self.step, record)
-                    self.logger.progress(self.step, {"loss": record["loss"], "tok/s": round(tokens_per_s)})
-                    window_tokens, window_start, by_task = 0.0, time.time(), {}
-                    window = dict.fromkeys(window, 0.0)
+                    self.logger.progress(self.step, {"loss": record["loss"], "tok/s": round(record["tokens_per_s"])})
+                    window = LogWindow()
                 if self.step % cfg.checkpoint.save_every == 0 and self.step < cfg.optim.max_steps:
                     self.save()
                 every = cfg.checkpoint.export_every
