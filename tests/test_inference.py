@@ -16,10 +16,10 @@ from unified_mllm.shapeworld.render import render
 from unified_mllm.shapeworld.scene import place, random_specs
 
 
-@pytest.fixture(scope="module", params=[("depth", "sum"), ("parallel", "causal_proj")])
+@pytest.fixture(scope="module", params=[("depth", "sum", True), ("parallel", "causal_proj", False)])
 def pipe(request, assets: Path, tmp_path_factory) -> UnifiedPipeline:  # noqa: F811
-    head, embedding = request.param
-    model, tok, _ = build(assets, generation={"head": head, "embedding": embedding})
+    head, embedding, positions = request.param
+    model, tok, _ = build(assets, generation={"head": head, "embedding": embedding, "position_embedding": positions})
     out = save_pretrained(model, tok, tmp_path_factory.mktemp("export") / "export")
     return UnifiedPipeline.from_pretrained(out, device="cpu")
 

@@ -177,8 +177,10 @@ def test_special_tokens_added_through_the_api(assets: Path) -> None:
 @pytest.mark.parametrize("embedding", ["sum", "causal_proj"])
 def test_save_load_identical_outputs(assets: Path, tmp_path: Path, embedding: str) -> None:
     model, tok, _ = build(assets, understanding_input="both", projector={"slot_embedding": embedding == "sum"},
-                          generation={"embedding": embedding, "head": "depth", "depth_layers": 1})
+                          generation={"embedding": embedding, "head": "depth", "depth_layers": 1,
+                                      "position_embedding": embedding == "causal_proj"})
     assert (model.projector.slot_embed is not None) == (embedding == "sum")
+    assert (model.gen_embedding.grid is not None) == (embedding == "causal_proj")
     save_pretrained(model, tok, tmp_path / "export")
     again, tok2 = load_pretrained(tmp_path / "export")
     assert len(tok2) == len(tok)
@@ -203,6 +205,41 @@ def test_slot_embedding_tells_identical_tokens_apart(assets: Path) -> None:
         sem = torch.randn(1, 1, model.config.vision.semantic_dim).expand(1, model.config.num_und_slots, -1)
         out = model.projector(sem, None)[0]
         assert torch.allclose(out, out[:1].expand_as(out)) != flag
+
+
+@pytest.mark.parametrize("embedding", ["sum", "causal_proj"])
+def test_generation_position_embedding_gives_each_slot_its_row_and_column(assets: Path, embedding: str) -> None:
+    """The same code in every slot: without grid positions every slot's summed input is the same; with them each slot
+    differs, and a prefix of the slots (what cached generation embeds) gets the same vectors as the full image.
+    (The causal projection tells slots apart by itself; there only the positions' part is checked.)"""
+    for flag in (False, True):
+        model, _, _ = build(assets, generation={"embedding": embedding, "position_embedding": flag})
+        v = model.config.vision
+        codes = torch.full((1, v.num_codebooks, v.num_positions), 3)
+        with torch.no_grad():
+            out = model.gen_embedding(codes)[0]  # (P, H)
+            prefix = model.gen_embedding(codes[:, :, :5])[0]
+        distinct = len({tuple(row.tolist()) for row in out})
+        if flag or embedding == "sum":
+            assert distinct == (v.num_positions if flag else 1)
+        torch.testing.assert_close(prefix, out[:5])
+
+
+def test_init_from_refuses_an_architecture_the_export_does_not_have(assets: Path, tmp_path: Path) -> None:
+    """A later stage starts from the export's architecture; asking for another one there would silently do nothing."""
+    model, tok, _ = build(assets)
+    out = save_pretrained(model, tok, tmp_path / "export")
+    same = {"llm": {"arch": ARCHS["qwen2"], "text_tokenizer": str(assets / "tok")}, "wintok": str(assets / "wt"),
+            "init_from": str(out)}
+    again, _, _ = build_model(load_config(ModelConfig, same), CFGDropConfig())
+    a_cfg, b_cfg = model.config.to_dict(), again.config.to_dict()
+    assert a_cfg.pop("llm_config")["num_hidden_layers"] == b_cfg.pop("llm_config")["num_hidden_layers"]
+    assert a_cfg == b_cfg
+    other = {**same, "generation": {"position_embedding": True},
+             "llm": {**same["llm"], "arch": {**ARCHS["qwen2"], "num_hidden_layers": 3}}}
+    with pytest.raises(ValueError, match=r"generation\.position_embedding: True here, False in the export.*"
+                                         r"arch\.num_hidden_layers: 3 here, 2 in the export.*init_from=null"):
+        build_model(load_config(ModelConfig, other), CFGDropConfig())
 
 
 def test_touch_unused_reaches_every_trainable_module(assets: Path) -> None:

@@ -49,6 +49,9 @@ def test_fast_quickstart_runs_and_resumes(tmp_path: Path) -> None:
     assert all(0 <= p["understanding/heldin"]["overall"] <= 1 and "single_object" in p["generation/heldin"]
                for p in curve["points"])
     assert (out / "eval" / "curve.png").is_file()
+    # the two ran side by side, each writing its own log
+    assert "side by side" in first.stdout and "evaluation" in (out / "logs" / "eval.log").read_text().lower()
+    assert (out / "logs" / "curve.log").read_text().strip()
     for heading in ("## Steps", "## Loss curves", "## Targets", "## Score against training steps", "## Scores"):
         assert heading in report
     assert "understanding overall (held-in)" in report and "generation single object (held-in)" in report
@@ -96,3 +99,42 @@ def test_stage_command_splits_the_presets_batch_over_the_processes() -> None:
     assert [s for s in sets if s.startswith("optim.micro_batch_size=")] == [f"optim.micro_batch_size={micro // 2}"]
     with pytest.raises(ValueError, match="stage mixed: micro_batch_size 8 does not split over 3 processes"):
         micro_batch_per_proc("mixed", 8, 3)
+
+
+def test_side_by_side_steps_run_together_each_on_its_share_with_its_own_log(tmp_path: Path, monkeypatch) -> None:
+    import argparse
+
+    from unified_mllm import quickstart as qs
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(qs.os, "cpu_count", lambda: 2)
+    script = ("import os, sys, time; print('start', time.time(), 'threads', os.environ['OMP_NUM_THREADS']); "
+              "time.sleep(1.0); print('end', time.time()); sys.exit(int(sys.argv[1]))")
+
+    def step(name: str, code: int) -> qs.Step:
+        def work(args: argparse.Namespace) -> str:
+            qs.run_cmd([sys.executable, "-c", script, str(code)], env=qs._env(args), log=getattr(args, "log", None))
+            return f"{name} ok"
+        return qs.Step(name, work, side_by_side=True)
+
+    steps = [qs.Step("first", lambda a: "alone"), step("a", 0), step("b", 0), qs.Step("last", lambda a: "alone")]
+    assert [[s.name for s in g] for g in qs.step_groups(steps)] == [["first"], ["a", "b"], ["last"]]
+    args = argparse.Namespace(out=str(tmp_path))
+    results = qs.run_group(steps[1:3], args)
+    assert [(r[0], r[2]) for r in results] == [("a ok", None), ("b ok", None)]
+    spans = []
+    for name in ("a", "b"):
+        words = (tmp_path / "logs" / f"{name}.log").read_text().split()
+        assert words[3] == "1"  # one core each of two
+        spans.append((float(words[1]), float(words[5])))
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], f"the two did not overlap: {spans}"
+    # a failing one is reported with its log; the other still finishes
+    summary, _, error = qs.run_group([step("ok", 0), step("bad", 3)], args)[1]
+    assert summary == "" and "bad.log" in str(error) and "exit status 3" in str(error)
+
+
+def test_report_counts_side_by_side_steps_once() -> None:
+    from unified_mllm.quickstart import wall_seconds
+
+    assert wall_seconds({"data": 10.0, "mixed": 100.0, "eval": 50.0, "curve": 40.0, "report": 1.0}) == 161.0
+    assert wall_seconds({"data": 10.0, "curve": 40.0}) == 50.0

@@ -44,6 +44,9 @@ class ProjectorConfig:
 class GenerationHeadConfig:
     embedding: Literal["sum", "causal_proj"] = "sum"
     """Pixel-code input embedding: sum of per-sub-codebook embeddings (LlamaGen), or WinTok codebook lookup + causal projection (UniTok/Liquid)."""
+    position_embedding: bool = False
+    """Add learned row and column embeddings of the grid position each generation slot predicts next (DALL·E and
+    Parti style), so the LLM need not count back to <boi> to know where in the image it is."""
     head: Literal["depth", "parallel"] = "depth"
     """Sub-code predictor: a small depth transformer over the sub-codes of a position, or independent parallel heads."""
     depth_layers: int = 2

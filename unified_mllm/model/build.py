@@ -45,6 +45,34 @@ def vision_sizes(wintok) -> VisionSizes:
                        c.semantic_dim, c.hidden_size)
 
 
+def _architecture(model_cfg: ModelConfig) -> dict[str, object]:
+    """The stage config's architecture fields, named as in the YAML, with the UnifiedConfig attribute they set."""
+    gen, proj = model_cfg.generation, model_cfg.projector
+    return {"understanding_input": ("understanding_input", model_cfg.understanding_input),
+            "projector.type": ("projector_type", proj.type),
+            "projector.slot_embedding": ("projector_slot_embedding", proj.slot_embedding),
+            "generation.embedding": ("gen_embedding", gen.embedding),
+            "generation.position_embedding": ("gen_position_embedding", gen.position_embedding),
+            "generation.head": ("gen_head", gen.head),
+            "generation.depth_layers": ("depth_layers", gen.depth_layers)}
+
+
+def check_init_from(model_cfg: ModelConfig, config: UnifiedConfig) -> None:
+    """An export's architecture is fixed: a stage config that asks for a different one (an override that would
+    otherwise do nothing) is an error naming each field."""
+    diffs = [f"model.{name}: {want!r} here, {getattr(config, attr)!r} in the export"
+             for name, (attr, want) in _architecture(model_cfg).items() if getattr(config, attr) != want]
+    if model_cfg.llm.path is None:  # keys the HF config stores elsewhere (rope_theta → rope_parameters) are skipped
+        llm = config.llm_config
+        diffs += [f"model.llm.arch.{k}: {v!r} here, {llm[k]!r} in the export"
+                  for k, v in model_cfg.llm.arch.items() if k in llm and llm[k] != v]
+    if diffs:
+        raise ValueError(f"model.init_from: {model_cfg.init_from} was built with a different architecture than this "
+                         f"stage config asks for — {'; '.join(diffs)}. The export's architecture is kept from stage "
+                         f"to stage: set these in the stage that starts from scratch, or start this one fresh with "
+                         f"model.init_from=null")
+
+
 def build_model(model_cfg: ModelConfig, cfg_drop: CFGDropConfig, text_loss_weight: float = 1.0,
                 image_loss_weight: float = 1.0):
     """→ (UnifiedMLLM, text tokenizer, ids of the tokens this project added)."""
@@ -55,6 +83,7 @@ def build_model(model_cfg: ModelConfig, cfg_drop: CFGDropConfig, text_loss_weigh
 
     if model_cfg.init_from:
         model, tok = load_pretrained(model_cfg.init_from)
+        check_init_from(model_cfg, model.config)
         model.text_loss_weight, model.image_loss_weight = text_loss_weight, image_loss_weight
         return model, tok, list(model.config.new_token_ids)
     if model_cfg.wintok is None:
@@ -73,10 +102,7 @@ def build_model(model_cfg: ModelConfig, cfg_drop: CFGDropConfig, text_loss_weigh
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     config = UnifiedConfig(
         llm_config=llm.config.to_dict(), special_ids=ids.to_dict(), vision=vision_sizes(wintok),
-        understanding_input=model_cfg.understanding_input, projector_type=model_cfg.projector.type,
-        projector_slot_embedding=model_cfg.projector.slot_embedding,
-        gen_embedding=model_cfg.generation.embedding, gen_head=model_cfg.generation.head,
-        depth_layers=model_cfg.generation.depth_layers, cfg_drop_prob=cfg_drop.drop_prob,
+        **{attr: value for attr, value in _architecture(model_cfg).values()}, cfg_drop_prob=cfg_drop.drop_prob,
         uncond_prompt=cfg_drop.uncond_prompt, new_token_ids=new_ids, wintok_hash=wintok.identity_hash())
     model = UnifiedMLLM(config, llm, wintok, text_loss_weight, image_loss_weight)
     if config.gen_embedding == "causal_proj":

@@ -43,6 +43,8 @@ class UnifiedConfig:
     """A learned embedding per image slot is added to the projected tokens."""
     gen_embedding: str = "sum"
     """sum | causal_proj."""
+    gen_position_embedding: bool = False
+    """Learned row and column embeddings of the next grid position added to the generation slots' inputs."""
     gen_head: str = "depth"
     """depth | parallel."""
     depth_layers: int = 2
