@@ -233,3 +233,26 @@ def test_optional_refinement_adds_keys_only_when_on(images: torch.Tensor, tmp_pa
     torch.save(refined.state_dict(), tmp_path / "bare.pth")
     assert infer_config(refined.state_dict(), num_heads=4, decoder_num_heads=4).refine_channels == 8
     assert WinTok.from_checkpoint(tmp_path / "bare.pth", num_heads=4, decoder_num_heads=4).config == refined.config
+
+
+def test_identity_hash_ignores_defaults_and_notes_but_not_what_changes_encoding() -> None:
+    """A pretokenize cache is keyed by this hash: a new optional config field at its default, or a note in `extra`,
+    must not orphan it; a setting that changes what the model computes must."""
+    import dataclasses
+
+    from tokenizer.checkpoint import identity_hash
+
+    torch.manual_seed(0)
+    model = WinTok(WinTokConfig.tiny(num_layers=1)).eval()
+    base = identity_hash(model)
+
+    @dataclasses.dataclass
+    class Newer(WinTokConfig):
+        some_new_option: int = 0  # what a later version might add, off by default
+
+    model.config = Newer(**model.config.to_dict())
+    assert identity_hash(model) == base
+    model.config = dataclasses.replace(model.config, extra={"source": "converted from x.pth"})
+    assert identity_hash(model) == base
+    model.config = dataclasses.replace(model.config, layer_norm_eps=1e-5)  # no weight changes, the outputs do
+    assert identity_hash(model) != base

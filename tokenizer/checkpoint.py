@@ -164,7 +164,12 @@ def load_pretrained(directory: str | Path, **overrides: Any) -> WinTok:
 
 
 def identity_hash(model: WinTok) -> str:
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    """A short hash of what makes two WinToks encode alike: the weights and the config fields that differ from their
+    defaults. Fields at their default are left out, so a new optional field (added at a default that keeps the old
+    behaviour) does not orphan every pretokenize cache keyed by the old hash; ``extra`` holds notes, not identity."""
+    defaults = type(model.config)().to_dict()
+    config = {k: v for k, v in model.config.to_dict().items() if k != "extra" and v != defaults.get(k)}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
