@@ -109,7 +109,7 @@ def test_side_by_side_steps_run_together_each_on_its_share_with_its_own_log(tmp_
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(qs.os, "cpu_count", lambda: 2)
     script = ("import os, sys, time; print('start', time.time(), 'threads', os.environ['OMP_NUM_THREADS']); "
-              "time.sleep(1.0); print('end', time.time()); sys.exit(int(sys.argv[1]))")
+              "time.sleep(3.0); print('end', time.time()); sys.exit(int(sys.argv[1]))")
 
     def step(name: str, code: int) -> qs.Step:
         def work(args: argparse.Namespace) -> str:
