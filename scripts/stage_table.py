@@ -37,15 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="/tmp/stage_table")
     a = p.parse_args(argv)
     run, out = Path(a.run).resolve(), Path(a.out).resolve()
-    for need in ("wintok", "text_tokenizer", "data/shapeworld", "pretokenized"):
-        if not (run / need).exists():
-            print(f"error: {run / need} is missing; run `bash scripts/quickstart.sh` first (or --run DIR)",
-                  file=sys.stderr)
-            return 2
     sys.path.insert(0, str(ROOT))
     from unified_mllm.config import load_stage_config
-    from unified_mllm.quickstart import launcher_command, run_env, stage_summary
+    from unified_mllm.quickstart import launcher_command, missing_run_parts, run_env, stage_summary
 
+    if error := missing_run_parts(run, ("wintok", "text_tokenizer", "data/shapeworld", "pretokenized")):
+        print(error, file=sys.stderr)
+        return 2
     env = run_env(run)
 
     stages = [x.strip() for x in a.stages.split(",") if x.strip()]

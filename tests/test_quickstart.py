@@ -113,7 +113,7 @@ def test_side_by_side_steps_run_together_each_on_its_share_with_its_own_log(tmp_
 
     def step(name: str, code: int) -> qs.Step:
         def work(args: argparse.Namespace) -> str:
-            qs.run_cmd([sys.executable, "-c", script, str(code)], env=qs._env(args), log=getattr(args, "log", None))
+            qs.run_cmd([sys.executable, "-c", script, str(code)], env=qs._env(args))  # the log is not its concern
             return f"{name} ok"
         return qs.Step(name, work, side_by_side=True)
 

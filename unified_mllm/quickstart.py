@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,8 +37,15 @@ class Step:
     cores with its output in <out>/logs/<name>.log."""
 
 
-def run_cmd(cmd: list[str], env: dict | None = None, log: Path | None = None) -> None:
-    """Runs ``cmd`` from the project root; with ``log``, its output goes to that file (named on failure)."""
+_STEP_LOG = threading.local()
+"""``path``: where the commands of the step running in this thread write their output (side-by-side steps); unset:
+the terminal."""
+
+
+def run_cmd(cmd: list[str], env: dict | None = None) -> None:
+    """Runs ``cmd`` from the project root; in a side-by-side step, its output goes to the step's log (named on
+    failure)."""
+    log: Path | None = getattr(_STEP_LOG, "path", None)
     print("  $ " + " ".join(cmd) + (f"  > {log}" if log else ""), flush=True)
     if log is None:
         subprocess.run(cmd, check=True, env=env, cwd=PROJECT_ROOT)
@@ -125,11 +133,13 @@ def run_env(run: Path) -> dict:
             "UMLLM_PRETOKENIZED": str(Path(run) / "pretokenized")}
 
 
-def _env(args: argparse.Namespace) -> dict:
-    """run_env, and for a step running side by side with others its share of the cores (unless the user set it)."""
+def _env(args: argparse.Namespace, threads: int | None = None) -> dict:
+    """run_env, with ``threads`` (else, for a step running side by side with others, its share of the cores) as
+    OMP_NUM_THREADS unless the user set it."""
     env = run_env(Path(args.out))
-    if getattr(args, "threads", None):
-        env.setdefault("OMP_NUM_THREADS", str(args.threads))
+    threads = threads or getattr(args, "threads", None)
+    if threads:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
     return env
 
 
@@ -209,9 +219,7 @@ def micro_batch_per_proc(stage: str, micro: int, procs: int) -> int:
 
 def stage_env(args: argparse.Namespace, procs: int) -> dict:
     """The stage's environment: the cores shared out among its processes (unless the user set OMP_NUM_THREADS)."""
-    env = _env(args)
-    env.setdefault("OMP_NUM_THREADS", str(threads_per_proc(procs)))
-    return env
+    return _env(args, threads_per_proc(procs))
 
 
 def stage_command(args: argparse.Namespace, stage: str, prev: str | None, procs: int = 1) -> list[str]:
@@ -279,7 +287,7 @@ def step_eval(args: argparse.Namespace) -> str:
     out = Path(args.out) / "eval"
     config = "eval_configs/shapeworld_fast.yaml" if args.fast else "eval_configs/shapeworld.yaml"
     run_cmd([sys.executable, "-m", "eval.suite", "--checkpoint", str(final), "--config", config, "--out", str(out)],
-            env=_env(args), log=getattr(args, "log", None))
+            env=_env(args))
     return f"evaluation suite on {final} → {out / 'summary.md'}"
 
 
@@ -289,7 +297,7 @@ def step_curve(args: argparse.Namespace) -> str:
     limits = ["--max-questions", "12", "--max-prompts", "6"] if args.fast else ["--max-questions", "300",
                                                                                  "--max-prompts", "120"]
     run_cmd([sys.executable, "-m", "eval.curve", "--stage-dir", str(stage_dir), "--data", str(_data_dir(args)),
-             "--out", str(out), *limits], env=_env(args), log=getattr(args, "log", None))
+             "--out", str(out), *limits], env=_env(args))
     pts = json.loads(out.read_text())["points"]
     return "held-in score against steps: " + "; ".join(
         f"step {p['step']}: understanding {p['understanding/heldin']['overall']:.2f}, generation "
@@ -350,12 +358,15 @@ def wall_seconds(timings: dict[str, float]) -> float:
 STEP_ERRORS = (subprocess.CalledProcessError, ConfigError, OSError)
 
 
-def _timed(step: Step, args: argparse.Namespace) -> tuple[str, float, Exception | None]:
+def _timed(step: Step, args: argparse.Namespace, log: Path | None = None) -> tuple[str, float, Exception | None]:
     t0 = time.time()
+    _STEP_LOG.path = log  # this thread's commands write there (run_cmd)
     try:
         summary, error = step.run(args), None
     except STEP_ERRORS as e:
         summary, error = "", e
+    finally:
+        _STEP_LOG.path = None
     return summary, round(time.time() - t0, 1), error
 
 
@@ -368,11 +379,18 @@ def run_group(steps: list[Step], args: argparse.Namespace) -> list[tuple[str, fl
         return [_timed(step, args) for step in steps]
     names = ", ".join(s.name for s in steps)
     print(f"[quickstart] {names} side by side (output in {Path(args.out) / 'logs'}) ...", flush=True)
-    threads = threads_per_proc(len(steps))
-    own = [argparse.Namespace(**{**vars(args), "threads": threads,
-                                 "log": Path(args.out) / "logs" / f"{s.name}.log"}) for s in steps]
+    shared = argparse.Namespace(**{**vars(args), "threads": threads_per_proc(len(steps))})
+    logs = [Path(args.out) / "logs" / f"{s.name}.log" for s in steps]
     with ThreadPoolExecutor(len(steps)) as pool:
-        return list(pool.map(_timed, steps, own))
+        return list(pool.map(_timed, steps, [shared] * len(steps), logs))
+
+
+def missing_run_parts(run: Path, needs: tuple[str, ...]) -> str | None:
+    """The error for a script that works on a quickstart run directory lacking one of ``needs``; None if complete."""
+    for need in needs:
+        if not (Path(run) / need).exists():
+            return f"error: {Path(run) / need} is missing; run `bash scripts/quickstart.sh` first (or --run DIR)"
+    return None
 
 
 def _missing(module: str) -> bool:

@@ -43,15 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the figures here")
     a = p.parse_args(argv)
     run = Path(a.run).resolve()
-    for need in ("wintok", "text_tokenizer", "pretokenized", "align/export"):
-        if not (run / need).exists():
-            print(f"error: {run / need} is missing; run `bash scripts/quickstart.sh` first (or --run DIR)",
-                  file=sys.stderr)
-            return 2
     sys.path.insert(0, str(ROOT))
     from unified_mllm.config import load_stage_config
-    from unified_mllm.quickstart import launcher_command, micro_batch_per_proc, run_env, threads_per_proc
+    from unified_mllm.quickstart import (
+        launcher_command,
+        micro_batch_per_proc,
+        missing_run_parts,
+        run_env,
+        threads_per_proc,
+    )
 
+    if error := missing_run_parts(run, ("wintok", "text_tokenizer", "pretokenized", "align/export")):
+        print(error, file=sys.stderr)
+        return 2
     micro = load_stage_config(a.stage).optim.micro_batch_size
     try:
         micro_batch_per_proc(a.stage, micro, a.procs)

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from unified_mllm.config.stage import LoggingConfig
 
 LOSSES = ("loss", "text_loss", "image_loss")
-
-
-@dataclass
-class _TaskSums:
-    tokens: float = 0.0
-    seconds: float = 0.0
-    steps: int = 0
-    loss: float = 0.0
-    text_loss: float = 0.0
-    image_loss: float = 0.0
 
 
 class LogWindow:
@@ -32,28 +22,24 @@ class LogWindow:
 
     def __init__(self, clock: Callable[[], float] = time.time):
         self.clock, self.start = clock, clock()
-        self.tasks: dict[str, _TaskSums] = {}
+        self.tasks: dict[str, Counter] = {}  # task → sums of tokens, seconds, steps and each loss
 
     def add(self, step: dict[str, Any], seconds: float) -> None:
         """One optimizer step's metrics (``task``, ``tokens`` and the losses) and the seconds it took."""
-        sums = self.tasks.setdefault(step["task"], _TaskSums())
-        sums.tokens += step["tokens"]
-        sums.seconds += seconds
-        sums.steps += 1
-        for k in LOSSES:
-            setattr(sums, k, getattr(sums, k) + step[k])
+        self.tasks.setdefault(step["task"], Counter()).update(
+            {"tokens": step["tokens"], "seconds": seconds, "steps": 1, **{k: step[k] for k in LOSSES}})
 
     def record(self, reduce: Callable[[float], float] = lambda x: x) -> dict[str, float]:
         """The window's means. ``reduce`` sums a value over the ranks (tokens only: every rank draws the same task
         sequence, so every rank calls it for the same tasks in the same order)."""
         elapsed = max(self.clock() - self.start, 1e-9)
         tasks = sorted(self.tasks.items())
-        tokens = {t: reduce(s.tokens) for t, s in tasks}
-        steps = sum(s.steps for _, s in tasks)
-        record = {k: sum(getattr(s, k) for _, s in tasks) / steps for k in LOSSES}
-        record.update({f"loss/{t}": s.loss / s.steps for t, s in tasks})
+        tokens = {t: reduce(s["tokens"]) for t, s in tasks}
+        steps = sum(s["steps"] for _, s in tasks)
+        record = {k: sum(s[k] for _, s in tasks) / steps for k in LOSSES}
+        record.update({f"loss/{t}": s["loss"] / s["steps"] for t, s in tasks})
         record["tokens_per_s"] = sum(tokens.values()) / elapsed
-        record.update({f"tokens_per_s/{t}": tokens[t] / max(s.seconds, 1e-9) for t, s in tasks})
+        record.update({f"tokens_per_s/{t}": tokens[t] / max(s["seconds"], 1e-9) for t, s in tasks})
         return record
 
 
