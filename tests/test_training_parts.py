@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,3 +90,24 @@ def test_log_window_means_per_task_and_speeds_per_step_kind() -> None:
     two = window.record(reduce=lambda v: 2 * v)
     assert two["tokens_per_s/generation"] == 200.0 and two["tokens_per_s"] == pytest.approx(400.0)
     assert two["loss/understanding"] == got["loss/understanding"]
+
+
+def test_single_process_run_leaves_no_shared_memory_behind(tmp_path) -> None:
+    """Under the launcher, DeepSpeed's CPU all-reduce op creates a 66 MB /dev/shm segment per process and never
+    removes it."""
+    port = str(20000 + os.getpid() % 10000)
+    code = ("import os\n"
+            "from unified_mllm.training.distributed import init_distributed, finish\n"
+            "import deepspeed.comm.comm as dc\n"
+            "init_distributed()\n"
+            "print('shm_op', getattr(dc.cdb, 'shm_comm_op', None) is not None)\n"
+            "finish(0)\n")
+    env = {**os.environ, "MASTER_PORT": port, "LOCAL_SIZE": "1"}  # LOCAL_SIZE as the launcher sets it
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        env.pop(key, None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    if "shm_op True" not in res.stdout:
+        pytest.skip("DeepSpeed's shared-memory all-reduce op is not built here; nothing to clean up")
