@@ -106,6 +106,17 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(world: dict, tmp_
         assert got[step] == pytest.approx(reference[step], abs=1e-6), (step, got[step], reference[step])
 
 
+def test_mixed_stage_in_bf16(world: dict, tmp_path: Path) -> None:
+    """bf16 is the default on a CUDA device: the fp32 semantic features from the cache must meet a bf16 projector."""
+    out = tmp_path / "bf16"
+    res = run(stage_cmd(world, "mixed", out, 3, "deepspeed.precision=bf16"), world)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = losses(out)
+    assert sorted(got) == [1, 2, 3] and all(v == v and v < 100 for v in got.values())
+    meta = json.loads(next((out / "checkpoints").glob("step_*/meta.json")).read_text())
+    assert meta["precision"] == "bf16"
+
+
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_processes_under_the_deepspeed_launcher(world: dict, tmp_path: Path, zero: str) -> None:
     port = str(29500 + (os.getpid() % 1000) + (zero == "zero3"))

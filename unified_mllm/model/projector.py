@@ -38,7 +38,9 @@ class UnderstandingProjector(nn.Module):
         if self.mode in ("semantic", "both"):
             if semantic is None:
                 raise ValueError("understanding_input needs semantic tokens (und_semantic) for every image")
-            parts.append(self.semantic(semantic))  # (M, N, H)
+            # features arrive in fp32 (WinTok, the pretokenize cache); the projector may be bf16 (DeepSpeed bf16)
+            dtype = next(self.semantic.parameters()).dtype
+            parts.append(self.semantic(semantic.to(dtype)))  # (M, N, H)
         if self.mode in ("pixel", "both"):
             if pixel_codes is None:
                 raise ValueError("understanding_input needs pixel codes (und_pixel_codes) for every image")
