@@ -305,3 +305,30 @@ def test_wintok_init_matches_the_released_recipe() -> None:
     bound = c.codebook_dim**-0.5 / 36
     assert all(float(b.codebook.weight.detach().abs().max()) <= bound for b in model.quantizer.codebooks)
     assert float(model.decoder.vision_model.encoder.layers[0].mlp.fc1.weight.detach().std()) < 0.03
+
+
+def test_bf16_with_every_loss_trains_and_evaluates(shapeworld: Path, tmp_path: Path) -> None:
+    """bf16 (the default on CUDA) through the distillation, LPIPS, GAN and EMA paths, whose fp32 networks meet a
+    bf16 reconstruction."""
+    vgg, lin = write_lpips_files(tmp_path / "lpips")
+    out = tmp_path / "run"
+    teacher = tmp_path / "teacher"
+    made = subprocess.run([sys.executable, "-m", "tokenizer.teacher", "--data", str(shapeworld), "--out", str(teacher),
+                           "--steps", "2", "--batch-size", "8", "--embed-dim", "16"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    res = train(out, shapeworld, 2, "deepspeed.precision=bf16", "loss.gan=0.5", "loss.gan_disc_channels=8",
+                "loss.gan_disc_layers=2", f"loss.lpips_vgg16={vgg}", f"loss.lpips_linear={lin}", "model.ema_decay=0.9",
+                "teacher.kind=shapeworld", f"teacher.path={teacher}", "loss.distill_tokens=0.3",
+                "loss.teacher_features=0.1", "model.overrides.semantic_dim=16")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss/total"] == r["loss/total"] for r in rows)
+    assert json.loads(next((out / "checkpoints").glob("step_*/meta.json")).read_text())["precision"] == "bf16"
+    assert (out / "eval.json").is_file()
+    from safetensors.torch import load_file
+
+    exported = load_file(str(out / "export" / "model.safetensors"))  # the export is the fp32 average
+    state = torch.load(out / "checkpoints" / "step_00000002" / "trainer_rank0.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in state["ema"].values() if v.is_floating_point())
+    assert all(torch.equal(exported[k], state["ema"][k]) for k in exported)

@@ -79,6 +79,10 @@ class TokenizerTrainer:
         self.ds_config = build_ds_config(cfg.deepspeed, cfg.optim, self.world_size)
         self.precision = resolve_precision(cfg.deepspeed)
         self.model = build_wintok(cfg).train()
+        # DeepSpeed's bf16 casts parameters, not buffers (WinTok's normalisation constants, its zero key bias); a
+        # whole bf16 model, fed bf16 images, is what the released bf16 path runs
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.model.to(self.dtype)
         self.model.decoder_rec_pos_embed.requires_grad_(False)
         self.teacher = load_teacher(cfg.teacher.kind, cfg.teacher.path)
         if self.teacher is not None:
@@ -101,7 +105,9 @@ class TokenizerTrainer:
         if zero_stage(self.ds_config) >= 3 and cfg.model.ema_decay > 0:
             raise ValueError("model.ema_decay: the weight average needs whole weights on each process; use ZeRO-2 "
                              "(deepspeed.config: stage_configs/deepspeed/zero2.json) or set model.ema_decay: 0")
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.model.ema_decay > 0 else None
+        # the average is kept in fp32: a bf16 copy would drop the (1 − decay)-sized steps below its resolution
+        self.ema = (copy.deepcopy(self.model).float().eval().requires_grad_(False) if cfg.model.ema_decay > 0
+                    else None)
         self.engine = self.build_engine()
         if self.teacher is not None:
             self.teacher.to(self.engine.device)
@@ -218,14 +224,14 @@ class TokenizerTrainer:
         for _ in range(accum):
             images = next(self.stream).to(self.engine.device)
             teacher_emb, teacher_tokens = self.teacher_embeddings(images)
-            out = self.engine(images)
+            out = self.engine(images.to(self.dtype))
             losses = tokenizer_losses(out, images, teacher_emb, self.cfg.loss, self.perceptual, self.teacher,
                                       self.model.config.patch_size, teacher_tokens)
             total = losses.total
             extra: dict[str, float] = {}
             if self.gan_active():
                 self.disc.requires_grad_(False)
-                g_loss = hinge_g_loss(self.disc(out.reconstruction))
+                g_loss = hinge_g_loss(self.disc(out.reconstruction.float()))  # the discriminator stays fp32
                 weight = adaptive_weight(losses.reconstruction, g_loss, self.model.conv_out.weight)
                 total = total + self.cfg.loss.gan * weight * g_loss
                 extra = {"loss/gan_g": float(g_loss.detach()), "gan/adaptive_weight": float(weight)}
@@ -236,7 +242,7 @@ class TokenizerTrainer:
             self.engine.backward(total)
             self.engine.step()
             if self.gan_active():
-                extra["loss/gan_d"] = self.discriminator_step(images, out.reconstruction.detach(), accum)
+                extra["loss/gan_d"] = self.discriminator_step(images, out.reconstruction.detach().float(), accum)
             for k, v in {**losses.scalars(), "loss/total": float(total.detach()), **extra}.items():
                 totals[k] = totals.get(k, 0.0) + v / accum
         if self.gan_active():
@@ -264,7 +270,7 @@ class TokenizerTrainer:
             return
         decay = min(self.cfg.model.ema_decay, (1 + self.step) / (10 + self.step))  # short warm-up of the average
         for e, p in zip(self.ema.parameters(), self.model.parameters()):
-            e.lerp_(p.detach(), 1.0 - decay)
+            e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
         for e, b in zip(self.ema.buffers(), self.model.buffers()):
             e.copy_(b)
 
