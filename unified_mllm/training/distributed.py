@@ -45,9 +45,9 @@ def shm_buffer_path(rank: int) -> str:
 def _unlink_shm_buffer(dist) -> None:
     """Remove this rank's name for DeepSpeed's CPU all-reduce segment once every rank has mapped it.
 
-    DeepSpeed (0.19) creates a 66 MB segment per process in /dev/shm at initialisation and never unlinks it, so every
-    CPU run, finished or killed, leaves its segments behind in RAM until reboot (259 of them, 17 GB of a 24 GB
-    machine, after a few days of runs here). The segments are mapped by all ranks inside ``init_distributed``; after
+    DeepSpeed (0.19) creates a 66 MB segment per process in /dev/shm at initialisation when all ranks are on one
+    machine (the launcher sets LOCAL_SIZE) and never unlinks it, so every such CPU run, finished or killed, leaves
+    its segments behind in RAM until reboot (259 of them, 17 GB of a 24 GB machine, after a few days of runs). The segments are mapped by all ranks inside ``init_distributed``; after
     a barrier the name can go, the mappings stay valid, and the memory is freed when the last process exits.
     """
     if dist.get_world_size() > 1:
