@@ -113,6 +113,8 @@ def test_mixed_stage_in_bf16(world: dict, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     got = losses(out)
     assert sorted(got) == [1, 2, 3] and all(v == v and v < 100 for v in got.values())
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss/understanding", "loss/generation"} <= {k for r in records for k in r}  # both kinds of batch ran
     meta = json.loads(next((out / "checkpoints").glob("step_*/meta.json")).read_text())
     assert meta["precision"] == "bf16"
 

@@ -47,8 +47,9 @@ def _unlink_shm_buffer(dist) -> None:
 
     DeepSpeed (0.19) creates a 66 MB segment per process in /dev/shm at initialisation when all ranks are on one
     machine (the launcher sets LOCAL_SIZE) and never unlinks it, so every such CPU run, finished or killed, leaves
-    its segments behind in RAM until reboot (259 of them, 17 GB of a 24 GB machine, after a few days of runs). The segments are mapped by all ranks inside ``init_distributed``; after
-    a barrier the name can go, the mappings stay valid, and the memory is freed when the last process exits.
+    its segments behind in RAM until reboot (259 of them, 17 GB of a 24 GB machine, after a few days of runs). All
+    ranks map every segment inside ``init_distributed``; after a barrier the names can go, the mappings stay valid,
+    and the memory is freed when the last process exits.
     """
     if dist.get_world_size() > 1:
         dist.barrier()
