@@ -147,6 +147,20 @@ def test_packed_batches_restart_positions_and_count_skips(tmp_path: Path, builde
     assert stats.get("vqa/corrupt_image", 0) >= 1 and stats.get("t2i/malformed_record", 0) >= 1
 
 
+def test_a_task_can_have_its_own_micro_batch_size(tmp_path: Path, builder: SampleBuilder) -> None:
+    """optim.task_micro_batch_size: generation batches of 1 sequence beside understanding batches of 2 (the stream's
+    micro_batch_size); a task the recipe lacks is one error naming the field."""
+    cfg = load_config(DataConfig, {"max_seq_len": 64, "packing": False})
+    stream = DataStream(cfg, write_sources(tmp_path), builder, FakeFeatures(), micro_batch_size=2, seed=3,
+                        task_ratio={"understanding": 0.5, "generation": 0.5},
+                        task_micro_batch_size={"generation": 1})
+    sizes = {(b["task"], b["input_ids"].shape[0]) for b in (next(stream) for _ in range(20))}
+    assert sizes == {("understanding", 2), ("generation", 1)}
+    with pytest.raises(ValueError, match=r"optim.task_micro_batch_size: \['text'\] not a task"):
+        DataStream(cfg, write_sources(tmp_path), builder, FakeFeatures(), micro_batch_size=2,
+                   task_micro_batch_size={"text": 1})
+
+
 def test_bad_sample_policy_error_names_the_fix(tmp_path: Path, builder: SampleBuilder) -> None:
     stream = make_stream(tmp_path, builder, on_bad_sample="error")
     with pytest.raises(ValueError, match="on_bad_sample: skip"):

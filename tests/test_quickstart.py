@@ -97,6 +97,9 @@ def test_stage_command_splits_the_presets_batch_over_the_processes() -> None:
     assert cmd[cmd.index("--num_gpus") + 1] == "2"
     sets = [cmd[i + 1] for i, c in enumerate(cmd) if c == "--set"]
     assert [s for s in sets if s.startswith("optim.micro_batch_size=")] == [f"optim.micro_batch_size={micro // 2}"]
+    per_task = load_stage_config("mixed").optim.task_micro_batch_size  # each task's batch is split too
+    assert per_task and sorted(s for s in sets if s.startswith("optim.task_micro_batch_size.")) == sorted(
+        f"optim.task_micro_batch_size.{t}={n // 2}" for t, n in per_task.items())
     with pytest.raises(ValueError, match="stage mixed: micro_batch_size 8 does not split over 3 processes"):
         micro_batch_per_proc("mixed", 8, 3)
 

@@ -210,11 +210,23 @@ def threads_per_proc(procs: int) -> int:
     return max((os.cpu_count() or 1) // procs, 1)
 
 
-def micro_batch_per_proc(stage: str, micro: int, procs: int) -> int:
+def micro_batch_per_proc(stage: str, micro: int, procs: int, field_name: str = "micro_batch_size") -> int:
     """The share of a global micro-batch of ``micro`` samples that each of ``procs`` processes takes."""
     if micro % procs:
-        raise ValueError(f"stage {stage}: micro_batch_size {micro} does not split over {procs} processes")
+        raise ValueError(f"stage {stage}: {field_name} {micro} does not split over {procs} processes")
     return micro // procs
+
+
+def batch_sets_per_proc(stage: str, procs: int, micro: int | None = None) -> list[str]:
+    """The ``--set``s that give each of ``procs`` processes its share of the stage preset's micro-batch (``micro``
+    instead of the preset's, when given) and of each task's micro-batch, so the global batches stay the preset's."""
+    optim = load_stage_config(stage).optim
+    micro = optim.micro_batch_size if micro is None else micro
+    sets = [f"optim.micro_batch_size={micro_batch_per_proc(stage, micro, procs)}"]
+    for task, size in optim.task_micro_batch_size.items():
+        share = micro_batch_per_proc(stage, size, procs, f"task_micro_batch_size.{task}")
+        sets.append(f"optim.task_micro_batch_size.{task}={share}")
+    return sets
 
 
 def stage_env(args: argparse.Namespace, procs: int) -> dict:
@@ -228,8 +240,7 @@ def stage_command(args: argparse.Namespace, stage: str, prev: str | None, procs:
     the score-vs-steps curve."""
     out = Path(args.out)
     extra = list(FAST_STAGE if args.fast else ())
-    micro = FAST_MICRO_BATCH if args.fast else load_stage_config(stage).optim.micro_batch_size
-    extra.append(f"optim.micro_batch_size={micro_batch_per_proc(stage, micro, procs)}")
+    extra += batch_sets_per_proc(stage, procs, FAST_MICRO_BATCH if args.fast else None)
     if stage == _chain(args)[-1]:
         every = FAST_STEPS // 2 if args.fast else max(load_stage_config(stage).optim.max_steps // CURVE_POINTS, 1)
         extra.append(f"checkpoint.export_every={every}")

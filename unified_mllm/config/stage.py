@@ -155,6 +155,10 @@ class OptimConfig:
     """Weight of the image-token (pixel-code) loss."""
     task_ratio: dict[str, float] = field(default_factory=dict)
     """Stage mixed: share of steps per task, e.g. {understanding: 0.5, generation: 0.5}. Empty: from recipe weights."""
+    task_micro_batch_size: dict[str, int] = field(default_factory=dict)
+    """Stage mixed: sequences per device per micro-step in one task's batches, e.g. {generation: 4}; a task not named
+    uses micro_batch_size. Generation learns per step and understanding per token (NOTES.md, session 10), so smaller
+    generation batches at a higher generation step share give generation more steps for the same tokens."""
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -165,6 +169,9 @@ class OptimConfig:
         check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
         for task, share in self.task_ratio.items():
             check(share >= 0, f"task_ratio.{task}", f"must be >= 0, got {share}")
+        for task, size in self.task_micro_batch_size.items():
+            check(isinstance(size, int) and size > 0, f"task_micro_batch_size.{task}",
+                  f"must be an integer > 0, got {size!r}")
 
 
 @dataclass

@@ -38,7 +38,8 @@ AHEAD_PER_WORKER = 16
 class DataStream:
     def __init__(self, data_cfg: DataConfig, recipe: RecipeConfig, builder: SampleBuilder, features: ImageFeatures,
                  micro_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 task_ratio: dict[str, float] | None = None, recipe_path: str = "recipe"):
+                 task_ratio: dict[str, float] | None = None, recipe_path: str = "recipe",
+                 task_micro_batch_size: dict[str, int] | None = None):
         self.cfg, self.builder, self.features = data_cfg, builder, features
         self.micro_batch_size, self.rank, self.world_size, self.seed = micro_batch_size, rank, world_size, seed
         self.sources = {s.name: s for s in recipe.sources}
@@ -52,6 +53,10 @@ class DataStream:
         self.task_weights = {t: w for t, w in (task_ratio or by_task).items() if w > 0 and t in by_task}
         if not self.task_weights:
             raise ValueError(f"optim.task_ratio: none of {sorted(task_ratio or {})} is a task of {recipe_path} "
+                             f"(tasks: {sorted(by_task)})")
+        self.task_micro_batch_size = dict(task_micro_batch_size or {})
+        if unknown := sorted(set(self.task_micro_batch_size) - set(by_task)):
+            raise ValueError(f"optim.task_micro_batch_size: {unknown} not a task of {recipe_path} "
                              f"(tasks: {sorted(by_task)})")
         self.rng = random.Random(f"{seed}:mixture")
         # The task of each micro-batch is drawn from its own generator, one draw per batch, so every rank draws the
@@ -167,7 +172,7 @@ class DataStream:
         task = self.task_rng.choices(list(self.task_weights), weights=list(self.task_weights.values()))[0]
         rows: list[list] = []
         pending = None
-        while len(rows) < self.micro_batch_size:
+        while len(rows) < self.task_micro_batch_size.get(task, self.micro_batch_size):
             row, length = [], 0
             while True:
                 item = pending or self._next_sample(task)
