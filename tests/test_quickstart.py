@@ -89,7 +89,7 @@ def test_stage_command_splits_the_presets_batch_over_the_processes() -> None:
     import pytest
 
     from unified_mllm.config import load_stage_config
-    from unified_mllm.quickstart import micro_batch_per_proc, stage_command
+    from unified_mllm.quickstart import CURVE_POINTS, micro_batch_per_proc, stage_command
 
     args = argparse.Namespace(out="runs/x", fast=False, chain="align,mixed")
     micro = load_stage_config("mixed").optim.micro_batch_size
@@ -100,6 +100,9 @@ def test_stage_command_splits_the_presets_batch_over_the_processes() -> None:
     per_task = load_stage_config("mixed").optim.task_micro_batch_size  # each task's batch is split too
     assert per_task and sorted(s for s in sets if s.startswith("optim.task_micro_batch_size.")) == sorted(
         f"optim.task_micro_batch_size.{t}={n // 2}" for t, n in per_task.items())
+    steps = load_stage_config("mixed").optim.max_steps  # the curve's points: the exports before the end, and the end
+    every = int(next(s for s in sets if s.startswith("checkpoint.export_every=")).split("=")[1])
+    assert len([*range(every, steps, every), steps]) == CURVE_POINTS
     with pytest.raises(ValueError, match="stage mixed: micro_batch_size 8 does not split over 3 processes"):
         micro_batch_per_proc("mixed", 8, 3)
 

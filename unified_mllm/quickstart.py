@@ -242,7 +242,8 @@ def stage_command(args: argparse.Namespace, stage: str, prev: str | None, procs:
     extra = list(FAST_STAGE if args.fast else ())
     extra += batch_sets_per_proc(stage, procs, FAST_MICRO_BATCH if args.fast else None)
     if stage == _chain(args)[-1]:
-        every = FAST_STEPS // 2 if args.fast else max(load_stage_config(stage).optim.max_steps // CURVE_POINTS, 1)
+        # rounded up, so the last point is the final export (rounded down, 2657 steps gave 664 … 2656 and 2657)
+        every = FAST_STEPS // 2 if args.fast else -(-load_stage_config(stage).optim.max_steps // CURVE_POINTS)
         extra.append(f"checkpoint.export_every={every}")
     return launcher_command(out, stage, out / stage, out / prev / "export" if prev else None, procs=procs,
                             extra=extra)
