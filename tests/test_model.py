@@ -154,9 +154,11 @@ def test_image_slot_mismatch_raises(assets: Path) -> None:
         model(ga, lg)  # generation slots without codes
 
 
-def test_depth_head_stepwise_equals_teacher_forced(assets: Path) -> None:
-    model, _, _ = build(assets)
+@pytest.mark.parametrize("width", [0, 24])
+def test_depth_head_stepwise_equals_teacher_forced(assets: Path, width: int) -> None:
+    model, _, _ = build(assets, generation={"depth_hidden_size": width})
     head = model.gen_head
+    assert head.out.in_features == (width or model.llm.config.hidden_size)
     v = model.config.vision
     h = torch.randn(5, model.llm.config.hidden_size)
     codes = torch.randint(0, v.codebook_size, (5, v.num_codebooks))
@@ -178,7 +180,8 @@ def test_special_tokens_added_through_the_api(assets: Path) -> None:
 def test_save_load_identical_outputs(assets: Path, tmp_path: Path, embedding: str) -> None:
     model, tok, _ = build(assets, understanding_input="both", projector={"slot_embedding": embedding == "sum"},
                           generation={"embedding": embedding, "head": "depth", "depth_layers": 1,
-                                      "position_embedding": embedding == "causal_proj"})
+                                      "position_embedding": embedding == "causal_proj",
+                                      "depth_hidden_size": 24 if embedding == "sum" else 0})
     assert (model.projector.slot_embed is not None) == (embedding == "sum")
     assert (model.gen_embedding.grid is not None) == (embedding == "causal_proj")
     save_pretrained(model, tok, tmp_path / "export")

@@ -51,9 +51,15 @@ class GenerationHeadConfig:
     """Sub-code predictor: a small depth transformer over the sub-codes of a position, or independent parallel heads."""
     depth_layers: int = 2
     """Layers of the depth transformer (head: depth)."""
+    depth_hidden_size: int = 0
+    """Width of the depth transformer (head: depth); 0: the LLM's width. It runs over every sub-code of every image
+    position, so on a small LLM it can cost more than the LLM itself; a narrower one reads the LLM's hidden state
+    through a linear projection."""
 
     def __post_init__(self) -> None:
         check(self.depth_layers >= 1, "depth_layers", f"must be >= 1, got {self.depth_layers}")
+        check(self.depth_hidden_size >= 0, "depth_hidden_size", f"must be >= 0 (0: the LLM's width), got "
+              f"{self.depth_hidden_size}")
 
 
 @dataclass

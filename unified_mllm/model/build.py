@@ -54,7 +54,8 @@ def _architecture(model_cfg: ModelConfig) -> dict[str, object]:
             "generation.embedding": ("gen_embedding", gen.embedding),
             "generation.position_embedding": ("gen_position_embedding", gen.position_embedding),
             "generation.head": ("gen_head", gen.head),
-            "generation.depth_layers": ("depth_layers", gen.depth_layers)}
+            "generation.depth_layers": ("depth_layers", gen.depth_layers),
+            "generation.depth_hidden_size": ("depth_hidden_size", gen.depth_hidden_size)}
 
 
 def check_init_from(model_cfg: ModelConfig, config: UnifiedConfig) -> None:

@@ -49,6 +49,8 @@ class UnifiedConfig:
     """depth | parallel."""
     depth_layers: int = 2
     """Layers of the depth head."""
+    depth_hidden_size: int = 0
+    """Width of the depth head (0: the LLM's width)."""
     cfg_drop_prob: float = 0.1
     """Caption dropout used in training (read by inference)."""
     uncond_prompt: str = "<unconditional>"

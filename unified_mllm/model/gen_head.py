@@ -9,36 +9,40 @@ from unified_mllm.model.config import UnifiedConfig
 
 
 class DepthHead(nn.Module):
-    """A small causal transformer over [h, e(c_0), …, e(c_{C−2})]: position k predicts sub-code c_k."""
+    """A small causal transformer over [h, e(c_0), …, e(c_{C−2})]: position k predicts sub-code c_k. Its width is
+    ``config.depth_hidden_size`` (0: the LLM's); a narrower head reads h through a linear projection."""
 
     def __init__(self, config: UnifiedConfig, hidden_size: int, num_heads: int = 4):
         super().__init__()
         v = config.vision
         self.num_codebooks, self.codebook_size = v.num_codebooks, v.codebook_size
-        heads = num_heads if hidden_size % num_heads == 0 else 1
-        self.code_embed = nn.ModuleList(nn.Embedding(v.codebook_size, hidden_size) for _ in range(v.num_codebooks - 1))
-        self.pos = nn.Parameter(torch.zeros(v.num_codebooks, hidden_size))
-        layer = nn.TransformerEncoderLayer(hidden_size, heads, 4 * hidden_size, dropout=0.0, activation="gelu",
+        width = config.depth_hidden_size or hidden_size
+        heads = num_heads if width % num_heads == 0 else 1
+        self.inp = nn.Linear(hidden_size, width) if width != hidden_size else nn.Identity()
+        self.code_embed = nn.ModuleList(nn.Embedding(v.codebook_size, width) for _ in range(v.num_codebooks - 1))
+        self.pos = nn.Parameter(torch.zeros(v.num_codebooks, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, config.depth_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(hidden_size)
-        self.out = nn.Linear(hidden_size, v.codebook_size)
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, v.codebook_size)
 
     def _run(self, seq: torch.Tensor) -> torch.Tensor:
         n = seq.shape[1]
         mask = nn.Transformer.generate_square_subsequent_mask(n, device=seq.device, dtype=seq.dtype)
-        h = self.blocks(seq + self.pos[:n], mask=mask, is_causal=True)  # (M, n, H)
+        h = self.blocks(seq + self.pos[:n], mask=mask, is_causal=True)  # (M, n, W)
         return self.out(self.norm(h))  # (M, n, K)
 
     def forward(self, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Teacher-forced: hidden (M, H), codes (M, C) → logits (M, C, K)."""
-        prefix = [hidden[:, None]] + [self.code_embed[i](codes[:, i])[:, None] for i in range(self.num_codebooks - 1)]
+        prefix = [self.inp(hidden)[:, None]] + [self.code_embed[i](codes[:, i])[:, None]
+                                                for i in range(self.num_codebooks - 1)]
         return self._run(torch.cat(prefix, dim=1))
 
     def next_logits(self, hidden: torch.Tensor, prefix_codes: torch.Tensor) -> torch.Tensor:
         """Logits (M, K) of sub-code k = prefix_codes.shape[1], given the k sub-codes chosen so far (M, k)."""
         k = prefix_codes.shape[1]
-        parts = [hidden[:, None]] + [self.code_embed[i](prefix_codes[:, i])[:, None] for i in range(k)]
+        parts = [self.inp(hidden)[:, None]] + [self.code_embed[i](prefix_codes[:, i])[:, None] for i in range(k)]
         return self._run(torch.cat(parts, dim=1))[:, -1]
 
 
