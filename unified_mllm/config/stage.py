@@ -165,6 +165,10 @@ class OptimConfig:
     """Stage mixed: sequences per device per micro-step in one task's batches, e.g. {generation: 4}; a task not named
     uses micro_batch_size. Generation learns per step and understanding per token (NOTES.md, session 10), so smaller
     generation batches at a higher generation step share give generation more steps for the same tokens."""
+    task_lr_scale: dict[str, float] = field(default_factory=dict)
+    """Stage mixed: a task's steps update at the scheduled lr times this, e.g. {generation: 2.0}; a task not named
+    uses 1 (a step of several micro-batches uses their mean). The tasks want different rates: generation-only steps
+    learn faster at 2e-3 than at 1e-3, where understanding did better at 1e-3 (NOTES.md, sessions 5 and 11)."""
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -177,6 +181,8 @@ class OptimConfig:
             check(share >= 0, f"task_ratio.{task}", f"must be >= 0, got {share}")
         for task, size in self.task_micro_batch_size.items():
             check(size > 0, f"task_micro_batch_size.{task}", f"must be > 0, got {size}")  # the loader checks the type
+        for task, scale in self.task_lr_scale.items():
+            check(scale > 0, f"task_lr_scale.{task}", f"must be > 0, got {scale}")
 
 
 @dataclass

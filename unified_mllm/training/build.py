@@ -39,6 +39,9 @@ def build_data(cfg: StageConfig, model, tokenizer, rank: int, world_size: int):
             t.is_cuda for t in wintok.parameters()):
         raise ValueError(f"{cfg.data.recipe}: online tokenization with WinTok on the GPU runs in the main process; set "
                          f"data.num_workers: 0, or pretokenize the recipe (python -m unified_mllm.data.pretokenize)")
+    tasks = sorted({src.task for src in recipe.sources})
+    if unknown := sorted(set(cfg.optim.task_lr_scale) - set(tasks)):
+        raise ValueError(f"optim.task_lr_scale: {unknown} not a task of {cfg.data.recipe} (tasks: {tasks})")
     features = ImageFeatures(wintok if recipe.online_tokenization else None, cache)
     template = resolve_template(cfg.data.template, tokenizer, cfg.stage)
     if any(src.task in ("understanding", "text") for src in recipe.sources):

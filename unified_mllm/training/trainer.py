@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,8 @@ class StageTrainer:
                     f"{sorted(set(sources))}); stopped before the update — the last complete checkpoint "
                     f"({self.ckpt.latest() or 'none'}) is intact and nothing was saved after it")
             self.engine.backward(out.loss)
-            self.engine.step()
+            with self.task_lr(tasks if len(tasks) == self.cfg.optim.grad_accum else []):  # the update's micro-step
+                self.engine.step()
             totals["loss"] += float(out.loss.detach())
             totals["text_loss"] += float(out.text_loss.detach())
             totals["image_loss"] += float(out.image_loss.detach())
@@ -122,6 +124,24 @@ class StageTrainer:
         return {"loss": totals["loss"] / n, "text_loss": totals["text_loss"] / n,
                 "image_loss": totals["image_loss"] / n, "tokens": totals["tokens"],
                 "task": "+".join(sorted({str(t) for t in tasks}))}  # micro-batches of different tasks: "a+b"
+
+    @contextmanager
+    def task_lr(self, tasks: list[str]):
+        """The update inside runs at the scheduled lr × the mean ``optim.task_lr_scale`` of ``tasks``; afterwards each
+        group gets the scheduler's lr back (the next step's, or this one's when the engine skipped the update)."""
+        scales = self.cfg.optim.task_lr_scale
+        scale = sum(scales.get(t, 1.0) for t in tasks) / len(tasks) if tasks and scales else 1.0
+        if scale == 1.0:
+            yield
+            return
+        groups = self.engine.optimizer.param_groups
+        for group in groups:
+            group["lr"] *= scale
+        try:
+            yield
+        finally:
+            for group, lr in zip(groups, self.engine.lr_scheduler.get_last_lr()):
+                group["lr"] = lr
 
     def fit(self) -> int:
         cfg = self.cfg
