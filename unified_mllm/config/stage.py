@@ -167,8 +167,9 @@ class OptimConfig:
     generation batches at a higher generation step share give generation more steps for the same tokens."""
     task_lr_scale: dict[str, float] = field(default_factory=dict)
     """Stage mixed: a task's steps update at the scheduled lr times this, e.g. {generation: 2.0}; a task not named
-    uses 1 (a step of several micro-batches uses their mean). The tasks want different rates: generation-only steps
-    learn faster at 2e-3 than at 1e-3, where understanding did better at 1e-3 (NOTES.md, sessions 5 and 11)."""
+    uses 1 (a step of several micro-batches uses their mean). Generation alone learns faster at 2e-3 than at 1e-3,
+    but in the ShapeWorld mixed preset a generation scale of 2 cost understanding without helping generation
+    (NOTES.md, session 11), so the preset leaves it unset."""
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
