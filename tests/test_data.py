@@ -159,6 +159,10 @@ def test_a_task_can_have_its_own_micro_batch_size(tmp_path: Path, builder: Sampl
     with pytest.raises(ValueError, match=r"optim.task_micro_batch_size: \['text'\] not a task"):
         DataStream(cfg, write_sources(tmp_path), builder, FakeFeatures(), micro_batch_size=2,
                    task_micro_batch_size={"text": 1})
+    # a misspelt task in the step shares is the same error, not a share silently dropped
+    with pytest.raises(ValueError, match=r"optim.task_ratio: \['generaton'\] not a task"):
+        DataStream(cfg, write_sources(tmp_path), builder, FakeFeatures(), micro_batch_size=2,
+                   task_ratio={"understanding": 0.5, "generaton": 0.5})
 
 
 def test_bad_sample_policy_error_names_the_fix(tmp_path: Path, builder: SampleBuilder) -> None:

@@ -124,17 +124,20 @@ def test_mixed_stage_in_bf16(world: dict, tmp_path: Path) -> None:
 def test_task_lr_scale_multiplies_that_tasks_updates(world: dict, tmp_path: Path) -> None:
     """A generation-only run at lr 2e-3 with generation scaled by 0.5 takes the steps of a run at lr 1e-3."""
     gen_only = ("optim.task_ratio.understanding=0.0", "optim.task_ratio.generation=1.0")
+    # "full" names another task's scale: were it applied to these steps, "full" would equal "half" and "scaled"
     runs = {"scaled": ("optim.lr=2e-3", "optim.task_lr_scale.generation=0.5"), "half": ("optim.lr=1e-3",),
-            "full": ("optim.lr=2e-3", "optim.task_lr_scale.understanding=0.5")}  # another task's scale: no effect
-    got = {}
+            "full": ("optim.lr=2e-3", "optim.task_lr_scale.understanding=0.5")}
+    got, logged_lr = {}, {}
     for name, sets in runs.items():
         res = run(stage_cmd(world, "mixed", tmp_path / name, 3, *gen_only, *sets), world)
         assert res.returncode == 0, res.stderr[-3000:]
         got[name] = losses(tmp_path / name)
-        logged_lr = [json.loads(x)["lr"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        assert logged_lr[-1] > 0
+        logged_lr[name] = [json.loads(x)["lr"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     assert got["scaled"] == pytest.approx(got["half"], abs=1e-6)
     assert got["scaled"][3] != pytest.approx(got["full"][3], abs=1e-4)  # the scale did something
+    # the scale touches the update only: the schedule (and the logged lr) is the configured lr's, step after step
+    assert logged_lr["scaled"] == pytest.approx(logged_lr["full"]) and all(x > 0 for x in logged_lr["scaled"])
+    assert logged_lr["half"] == pytest.approx([x / 2 for x in logged_lr["full"]])
     res = run(stage_cmd(world, "mixed", tmp_path / "bad", 1, "optim.task_lr_scale.drawing=2.0"), world)
     assert res.returncode != 0 and "optim.task_lr_scale: ['drawing'] not a task of" in res.stderr
 

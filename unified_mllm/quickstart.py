@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -217,11 +218,10 @@ def micro_batch_per_proc(stage: str, micro: int, procs: int, field_name: str = "
     return micro // procs
 
 
-def batch_sets_per_proc(stage: str, procs: int, micro: int | None = None, optim=None) -> list[str]:
+def batch_sets_per_proc(stage: str, optim, procs: int, micro: int | None = None) -> list[str]:
     """The ``--set``s that give each of ``procs`` processes its share of the stage preset's micro-batch (``micro``
     instead of the preset's, when given) and of each task's micro-batch, so the global batches stay the preset's.
-    ``optim``: the preset's OptimConfig when the caller has loaded it already."""
-    optim = optim or load_stage_config(stage).optim
+    ``optim``: the stage preset's OptimConfig."""
     micro = optim.micro_batch_size if micro is None else micro
     sets = [f"optim.micro_batch_size={micro_batch_per_proc(stage, micro, procs)}"]
     for task, size in optim.task_micro_batch_size.items():
@@ -242,10 +242,10 @@ def stage_command(args: argparse.Namespace, stage: str, prev: str | None, procs:
     out = Path(args.out)
     extra = list(FAST_STAGE if args.fast else ())
     optim = load_stage_config(stage).optim
-    extra += batch_sets_per_proc(stage, procs, FAST_MICRO_BATCH if args.fast else None, optim)
+    extra += batch_sets_per_proc(stage, optim, procs, FAST_MICRO_BATCH if args.fast else None)
     if stage == _chain(args)[-1]:
         # rounded up, so the last point is the final export (rounded down, 2657 steps gave 664 … 2656 and 2657)
-        every = FAST_STEPS // 2 if args.fast else -(-optim.max_steps // CURVE_POINTS)
+        every = FAST_STEPS // 2 if args.fast else math.ceil(optim.max_steps / CURVE_POINTS)
         extra.append(f"checkpoint.export_every={every}")
     return launcher_command(out, stage, out / stage, out / prev / "export" if prev else None, procs=procs,
                             extra=extra)

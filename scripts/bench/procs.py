@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     run = Path(a.run).resolve()
     sys.path.insert(0, str(ROOT))
+    from unified_mllm.config import load_stage_config
     from unified_mllm.quickstart import (
         batch_sets_per_proc,
         launcher_command,
@@ -55,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     if error := missing_run_parts(run, ("wintok", "text_tokenizer", "pretokenized", "align/export")):
         print(error, file=sys.stderr)
         return 2
+    optim = load_stage_config(a.stage).optim
     try:
-        batch_sets_per_proc(a.stage, a.procs)
+        batch_sets_per_proc(a.stage, optim, a.procs)
     except ValueError as e:
         print(f"error: {e} (the preset's); choose --procs that divides it", file=sys.stderr)
         return 2
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         for procs in (1, a.procs):
             out = Path(tmp) / f"p{procs}"
             cmd = launcher_command(run, a.stage, out, run / "align" / "export", procs=procs, extra=[
-                f"optim.max_steps={a.steps}", *batch_sets_per_proc(a.stage, procs),
+                f"optim.max_steps={a.steps}", *batch_sets_per_proc(a.stage, optim, procs),
                 "logging.log_every=10", f"checkpoint.save_every={a.steps + 1}"])
             # both forms get the whole machine, whatever OMP_NUM_THREADS the caller has set
             env = {**run_env(run), "OMP_NUM_THREADS": str(threads_per_proc(procs))}

@@ -35,6 +35,13 @@ AHEAD_PER_WORKER = 16
 """Records built ahead per source and worker."""
 
 
+def check_task_names(field: str, names, tasks, recipe_path: str) -> None:
+    """A per-task optim field (task_ratio, task_micro_batch_size, task_lr_scale) that names a task the recipe does
+    not have is one error naming the field: a misspelt task would otherwise be ignored without a word."""
+    if unknown := sorted(set(names) - set(tasks)):
+        raise ValueError(f"optim.{field}: {unknown} not a task of {recipe_path} (tasks: {sorted(tasks)})")
+
+
 class DataStream:
     def __init__(self, data_cfg: DataConfig, recipe: RecipeConfig, builder: SampleBuilder, features: ImageFeatures,
                  micro_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -50,14 +57,12 @@ class DataStream:
         by_task: dict[str, float] = defaultdict(float)
         for s in recipe.sources:
             by_task[s.task] += s.weight
-        self.task_weights = {t: w for t, w in (task_ratio or by_task).items() if w > 0 and t in by_task}
+        check_task_names("task_ratio", task_ratio or {}, by_task, recipe_path)
+        self.task_weights = {t: w for t, w in (task_ratio or by_task).items() if w > 0}
         if not self.task_weights:
-            raise ValueError(f"optim.task_ratio: none of {sorted(task_ratio or {})} is a task of {recipe_path} "
-                             f"(tasks: {sorted(by_task)})")
+            raise ValueError(f"optim.task_ratio: no task of {recipe_path} has a share > 0 ({task_ratio})")
         self.task_micro_batch_size = dict(task_micro_batch_size or {})
-        if unknown := sorted(set(self.task_micro_batch_size) - set(by_task)):
-            raise ValueError(f"optim.task_micro_batch_size: {unknown} not a task of {recipe_path} "
-                             f"(tasks: {sorted(by_task)})")
+        check_task_names("task_micro_batch_size", self.task_micro_batch_size, by_task, recipe_path)
         self.rng = random.Random(f"{seed}:mixture")
         # The task of each micro-batch is drawn from its own generator, one draw per batch, so every rank draws the
         # same task sequence: the source draws above vary per rank (packing fits a different number of samples), and

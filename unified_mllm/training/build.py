@@ -19,7 +19,7 @@ def build_model(cfg: StageConfig, ds_config: dict):
 
 def build_data(cfg: StageConfig, model, tokenizer, rank: int, world_size: int):
     from unified_mllm.data.image_features import ImageFeatures
-    from unified_mllm.data.loader import DataStream
+    from unified_mllm.data.loader import DataStream, check_task_names
     from unified_mllm.data.pretokenize import cache_dir_for
     from unified_mllm.data.samples import SampleBuilder
     from unified_mllm.data.templates import resolve_template
@@ -39,9 +39,7 @@ def build_data(cfg: StageConfig, model, tokenizer, rank: int, world_size: int):
             t.is_cuda for t in wintok.parameters()):
         raise ValueError(f"{cfg.data.recipe}: online tokenization with WinTok on the GPU runs in the main process; set "
                          f"data.num_workers: 0, or pretokenize the recipe (python -m unified_mllm.data.pretokenize)")
-    tasks = sorted({src.task for src in recipe.sources})
-    if unknown := sorted(set(cfg.optim.task_lr_scale) - set(tasks)):
-        raise ValueError(f"optim.task_lr_scale: {unknown} not a task of {cfg.data.recipe} (tasks: {tasks})")
+    check_task_names("task_lr_scale", cfg.optim.task_lr_scale, {src.task for src in recipe.sources}, cfg.data.recipe)
     features = ImageFeatures(wintok if recipe.online_tokenization else None, cache)
     template = resolve_template(cfg.data.template, tokenizer, cfg.stage)
     if any(src.task in ("understanding", "text") for src in recipe.sources):

@@ -113,7 +113,7 @@ class StageTrainer:
                     f"{sorted(set(sources))}); stopped before the update — the last complete checkpoint "
                     f"({self.ckpt.latest() or 'none'}) is intact and nothing was saved after it")
             self.engine.backward(out.loss)
-            with self.task_lr(tasks if len(tasks) == self.cfg.optim.grad_accum else []):  # the update's micro-step
+            with self.task_lr(tasks if self.engine.is_gradient_accumulation_boundary() else []):
                 self.engine.step()
             totals["loss"] += float(out.loss.detach())
             totals["text_loss"] += float(out.text_loss.detach())
