@@ -10,8 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "unified_mllm.quickstart", "--out", str(out), "--fast"],
+def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "unified_mllm.quickstart", "--out", str(out), "--fast", *extra],
                           capture_output=True, text=True, cwd=ROOT, timeout=1800)
 
 
@@ -58,6 +58,11 @@ def test_fast_quickstart_runs_and_resumes(tmp_path: Path) -> None:
     second = run(out)
     assert second.returncode == 0
     assert second.stdout.count("already done") == len(steps)
+    # other settings on the same run directory: one error naming the setting and the fix, nothing reused or redone
+    third = run(out, "--steps-scale", "2")
+    assert third.returncode == 2 and "already done" not in third.stdout
+    assert "--steps-scale 1.0 then, 2.0 now" in third.stderr and "Use another --out" in third.stderr
+    assert json.loads((out / ".done" / "settings.json").read_text())["steps_scale"] == 1.0
 
 
 def test_failed_step_names_itself_and_how_to_resume(tmp_path: Path) -> None:
@@ -89,7 +94,7 @@ def test_stage_command_splits_the_presets_batch_over_the_processes() -> None:
     import pytest
 
     from unified_mllm.config import load_stage_config
-    from unified_mllm.quickstart import CURVE_POINTS, micro_batch_per_proc, stage_command
+    from unified_mllm.quickstart import CURVE_POINTS, FAST_STEPS, micro_batch_per_proc, stage_command
 
     args = argparse.Namespace(out="runs/x", fast=False, chain="align,mixed")
     micro = load_stage_config("mixed").optim.micro_batch_size
@@ -105,6 +110,21 @@ def test_stage_command_splits_the_presets_batch_over_the_processes() -> None:
     assert len([*range(every, steps, every), steps]) == CURVE_POINTS
     with pytest.raises(ValueError, match="stage mixed: micro_batch_size 8 does not split over 3 processes"):
         micro_batch_per_proc("mixed", 8, 3)
+    # --steps-scale: the last stage trains K × its preset's steps, and the curve keeps its points over them
+    for scale in (3.0, 0.5):
+        sets = stage_command(argparse.Namespace(**{**vars(args), "steps_scale": scale}), "mixed", "align", procs=2)
+        sets = [s for i, s in enumerate(sets) if i and sets[i - 1] == "--set"]
+        scaled = round(steps * scale)
+        assert [s for s in sets if s.startswith("optim.max_steps=")] == [f"optim.max_steps={scaled}"]
+        every = int(next(s for s in sets if s.startswith("checkpoint.export_every=")).split("=")[1])
+        assert len([*range(every, scaled, every), scaled]) == CURVE_POINTS
+    # … and only the last stage: align keeps its preset's steps
+    align = stage_command(argparse.Namespace(**{**vars(args), "steps_scale": 3.0}), "align", None, procs=2)
+    assert not any(s.startswith("optim.max_steps=") for s in align)
+    # with --fast, the fast steps are scaled, and given once
+    fast = stage_command(argparse.Namespace(out="runs/x", fast=True, chain="align,mixed", steps_scale=2.0), "mixed",
+                         "align", procs=2)
+    assert [s for s in fast if s.startswith("optim.max_steps=")] == [f"optim.max_steps={2 * FAST_STEPS}"]
 
 
 def test_side_by_side_steps_run_together_each_on_its_share_with_its_own_log(tmp_path: Path, monkeypatch) -> None:
@@ -144,3 +164,26 @@ def test_report_counts_side_by_side_steps_once() -> None:
 
     assert wall_seconds({"data": 10.0, "mixed": 100.0, "eval": 50.0, "curve": 40.0, "report": 1.0}) == 161.0
     assert wall_seconds({"data": 10.0, "curve": 40.0}) == 50.0
+
+
+def test_run_settings_are_recorded_once_and_a_rerun_with_others_is_refused(tmp_path: Path) -> None:
+    import argparse
+
+    from unified_mllm.quickstart import check_run_settings
+
+    def args(**kw) -> argparse.Namespace:
+        return argparse.Namespace(**{"out": str(tmp_path), "fast": False, "resolution": 64, "chain": "align,mixed",
+                                     "steps_scale": 1.0, **kw})
+
+    assert check_run_settings(args()) is None  # first run: recorded
+    assert json.loads((tmp_path / ".done" / "settings.json").read_text())["chain"] == "align,mixed"
+    assert check_run_settings(args(chain="align, mixed")) is None  # the same chain, spelt with a space
+    error = check_run_settings(args(chain="align,sft,t2i", steps_scale=3.0))
+    assert "--chain 'align,mixed' then, 'align,sft,t2i' now" in error and "--steps-scale 1.0 then, 3.0 now" in error
+    # a settings file from before an option existed reads as that option's default
+    (tmp_path / ".done" / "settings.json").write_text(json.dumps({"fast": False, "resolution": 64,
+                                                                    "chain": "align,mixed"}))
+    assert check_run_settings(args()) is None
+    assert "--steps-scale" in check_run_settings(args(steps_scale=2.0))
+    (tmp_path / ".done" / "settings.json").write_text("{not json")
+    assert "settings.json is unreadable" in check_run_settings(args())
