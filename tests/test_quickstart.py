@@ -10,6 +10,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def set_args(cmd: list[str]) -> list[str]:
+    """The ``--set`` values of a stage command."""
+    return [cmd[i + 1] for i, c in enumerate(cmd) if c == "--set"]
+
+
 def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "unified_mllm.quickstart", "--out", str(out), "--fast", *extra],
                           capture_output=True, text=True, cwd=ROOT, timeout=1800)
@@ -96,11 +101,11 @@ def test_stage_command_splits_the_presets_batch_over_the_processes() -> None:
     from unified_mllm.config import load_stage_config
     from unified_mllm.quickstart import CURVE_POINTS, FAST_STEPS, micro_batch_per_proc, stage_command
 
-    args = argparse.Namespace(out="runs/x", fast=False, chain="align,mixed")
+    args = argparse.Namespace(out="runs/x", fast=False, chain="align,mixed", steps_scale=1.0)
     micro = load_stage_config("mixed").optim.micro_batch_size
     cmd = stage_command(args, "mixed", "align", procs=2)
     assert cmd[cmd.index("--num_gpus") + 1] == "2"
-    sets = [cmd[i + 1] for i, c in enumerate(cmd) if c == "--set"]
+    sets = set_args(cmd)
     assert [s for s in sets if s.startswith("optim.micro_batch_size=")] == [f"optim.micro_batch_size={micro // 2}"]
     per_task = load_stage_config("mixed").optim.task_micro_batch_size  # each task's batch is split too
     assert per_task and sorted(s for s in sets if s.startswith("optim.task_micro_batch_size.")) == sorted(
@@ -112,19 +117,23 @@ def test_stage_command_splits_the_presets_batch_over_the_processes() -> None:
         micro_batch_per_proc("mixed", 8, 3)
     # --steps-scale: the last stage trains K × its preset's steps, and the curve keeps its points over them
     for scale in (3.0, 0.5):
-        sets = stage_command(argparse.Namespace(**{**vars(args), "steps_scale": scale}), "mixed", "align", procs=2)
-        sets = [s for i, s in enumerate(sets) if i and sets[i - 1] == "--set"]
+        sets = set_args(stage_command(argparse.Namespace(**{**vars(args), "steps_scale": scale}), "mixed", "align",
+                                      procs=2))
         scaled = round(steps * scale)
         assert [s for s in sets if s.startswith("optim.max_steps=")] == [f"optim.max_steps={scaled}"]
         every = int(next(s for s in sets if s.startswith("checkpoint.export_every=")).split("=")[1])
         assert len([*range(every, scaled, every), scaled]) == CURVE_POINTS
     # … and only the last stage: align keeps its preset's steps
-    align = stage_command(argparse.Namespace(**{**vars(args), "steps_scale": 3.0}), "align", None, procs=2)
+    align = set_args(stage_command(argparse.Namespace(**{**vars(args), "steps_scale": 3.0}), "align", None, procs=2))
     assert not any(s.startswith("optim.max_steps=") for s in align)
-    # with --fast, the fast steps are scaled, and given once
-    fast = stage_command(argparse.Namespace(out="runs/x", fast=True, chain="align,mixed", steps_scale=2.0), "mixed",
-                         "align", procs=2)
+    # with --fast, the fast steps are scaled and given once, and the fast curve has its two points
+    fast_args = argparse.Namespace(out="runs/x", fast=True, chain="align,mixed", steps_scale=2.0)
+    fast = set_args(stage_command(fast_args, "mixed", "align", procs=2))
     assert [s for s in fast if s.startswith("optim.max_steps=")] == [f"optim.max_steps={2 * FAST_STEPS}"]
+    assert f"checkpoint.export_every={FAST_STEPS}" in fast
+    # … while every other stage of a fast run keeps the fast steps
+    assert [s for s in set_args(stage_command(fast_args, "align", None, procs=2))
+            if s.startswith("optim.max_steps=")] == [f"optim.max_steps={FAST_STEPS}"]
 
 
 def test_side_by_side_steps_run_together_each_on_its_share_with_its_own_log(tmp_path: Path, monkeypatch) -> None:

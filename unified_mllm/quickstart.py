@@ -178,7 +178,8 @@ def _free_port() -> int:
 
 FAST_STEPS = 6
 FAST_MICRO_BATCH = 4
-FAST_STAGE = [f"optim.max_steps={FAST_STEPS}", "checkpoint.save_every=3", "logging.log_every=1"]
+FAST_STAGE = ["checkpoint.save_every=3", "logging.log_every=1"]
+"""The fast run's settings for every stage, beside its steps (FAST_STEPS) and micro-batch (FAST_MICRO_BATCH)."""
 
 
 def launcher_command(run: Path, stage: str, output_dir: Path, init_from: Path | None, zero: str = "zero2",
@@ -241,28 +242,25 @@ def stage_command(args: argparse.Namespace, stage: str, prev: str | None, procs:
     preset's micro-batch, so the global batch is the preset's); the last stage also writes intermediate exports for
     the score-vs-steps curve."""
     out = Path(args.out)
-    extra = list(FAST_STAGE if args.fast else ())
     optim = load_stage_config(stage).optim
-    extra += batch_sets_per_proc(stage, optim, procs, FAST_MICRO_BATCH if args.fast else None)
-    if stage == _chain(args)[-1]:
-        steps = last_stage_steps(args, optim.max_steps)
-        if steps != (FAST_STEPS if args.fast else optim.max_steps):
-            extra = [s for s in extra if not s.startswith("optim.max_steps=")] + [f"optim.max_steps={steps}"]
+    extra = [*(FAST_STAGE if args.fast else ()),
+             *batch_sets_per_proc(stage, optim, procs, FAST_MICRO_BATCH if args.fast else None)]
+    last = stage == _chain(args)[-1]
+    steps = FAST_STEPS if args.fast else optim.max_steps
+    if last:  # --steps-scale: the last stage only
+        steps = max(round(steps * args.steps_scale), 1)
+    if steps != optim.max_steps:
+        extra.append(f"optim.max_steps={steps}")
+    if last:
         # rounded up, so the last point is the final export (rounded down, 2657 steps gave 664 … 2656 and 2657)
-        every = max(steps // 2, 1) if args.fast else math.ceil(steps / CURVE_POINTS)
-        extra.append(f"checkpoint.export_every={every}")
+        extra.append(f"checkpoint.export_every={math.ceil(steps / (2 if args.fast else CURVE_POINTS))}")
     return launcher_command(out, stage, out / stage, out / prev / "export" if prev else None, procs=procs,
                             extra=extra)
 
 
-def last_stage_steps(args: argparse.Namespace, preset_steps: int) -> int:
-    """The steps of the chain's last stage: its preset's (FAST_STEPS with --fast) times ``--steps-scale``."""
-    return max(round((FAST_STEPS if args.fast else preset_steps) * getattr(args, "steps_scale", 1.0)), 1)
-
-
-RUN_SETTINGS = {"fast": False, "resolution": 64, "chain": "align,mixed", "steps_scale": 1.0}
-"""The options that change what a run's steps produce, with their defaults (a settings file written before an option
-existed reads as its default)."""
+RUN_SETTINGS = ("fast", "resolution", "chain", "steps_scale")
+"""The options that change what a run's steps produce (a settings file written before one existed reads as its
+default)."""
 
 
 def check_run_settings(args: argparse.Namespace) -> str | None:
@@ -271,8 +269,9 @@ def check_run_settings(args: argparse.Namespace) -> str | None:
     path = Path(args.out) / ".done" / "settings.json"
     now = {k: getattr(args, k) for k in RUN_SETTINGS} | {"chain": ",".join(_chain(args))}
     if path.is_file():
+        parser = build_parser()
         try:
-            before = {**RUN_SETTINGS, **json.loads(path.read_text())}
+            before = {**{k: parser.get_default(k) for k in RUN_SETTINGS}, **json.loads(path.read_text())}
         except (json.JSONDecodeError, TypeError) as e:
             return f"{path} is unreadable ({e}); delete it and re-run to record this run's settings"
         changed = [k for k in RUN_SETTINGS if before[k] != now[k]]
@@ -449,7 +448,7 @@ def _missing(module: str) -> bool:
         return True
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/quickstart", help="run directory")
     parser.add_argument("--fast", action="store_true", help="few steps and small data (CI smoke run)")
@@ -460,6 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-scale", type=float, default=1.0,
                         help="train the chain's last stage this many times its preset's steps (the curve follows); "
                              "3 reaches understanding 0.90 on ShapeWorld (NOTES.md, session 12) in ~3x the stage's time")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.out = str(Path(args.out).resolve())
     for stage in _chain(args):
