@@ -265,3 +265,82 @@ def test_wintok_is_held_outside_the_trainable_module_tree(assets: Path, tmp_path
     out = save_pretrained(model, tok, tmp_path / "export")
     loaded, _ = load_pretrained(out)
     assert loaded.wintok.identity_hash() == model.wintok.identity_hash()
+
+
+def test_semantic_align_adds_its_weighted_loss_from_the_chosen_layer(assets: Path, tmp_path: Path) -> None:
+    """The loss is the image + text loss plus weight × (1 − cos) between the MLP of the hidden state before each slot
+    at the chosen layer and the image's pooled semantic tokens; the MLP trains with generation and is not exported."""
+    plain, tok, _ = build(assets)
+    model, _, _ = build(assets, generation={"semantic_align": {"weight": 0.5, "layer": 1}})
+    assert plain.semantic_align is None and model.semantic_align.layer == 1
+    ids, labels = generation_sample(model, tok)
+    _, codes = vision_inputs(model, 0, 1)
+    v = model.config.vision
+    sem = torch.randn(1, v.num_semantic_tokens, v.semantic_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = model(ids, labels, gen_codes=codes, gen_semantic=sem)
+        no_sem = model(ids, labels, gen_codes=codes)  # inference and eval pass no semantic tokens: no alignment
+        embeds = model.embed_inputs(ids, gen_codes=codes)
+        hidden = model.llm.get_decoder()(inputs_embeds=embeds, output_hidden_states=True).hidden_states[1]
+    slots = (ids[0] == model.config.special_ids["image_gen_token_id"]).nonzero()[:, 0] - 1  # the positions before
+    want = 1 - torch.nn.functional.cosine_similarity(model.semantic_align.proj(hidden[0, slots]), sem.mean(1)).mean()
+    torch.testing.assert_close(out.align_loss, want)
+    torch.testing.assert_close(out.loss, no_sem.loss + 0.5 * want)
+    assert no_sem.align_loss is None
+    assert build_model(load_config(ModelConfig, {"llm": {"arch": ARCHS["qwen2"], "text_tokenizer": str(assets / "tok")},
+                                                 "wintok": str(assets / "wt"),
+                                                 "generation": {"semantic_align": {"weight": 0.5}}}),
+                       CFGDropConfig())[0].semantic_align.layer == 1  # 0: the middle of 2 layers
+    # trains with generation (touch_unused reaches it on a text-only batch), is not saved, and init_from gets a fresh one
+    from unified_mllm.config.stage import TrainablesConfig
+    from unified_mllm.training.freeze import apply_trainables
+    apply_trainables(model, TrainablesConfig(generation=True), [])
+    model.train()
+    text = torch.tensor([tok("<s> how many circle ? yes")["input_ids"]])
+    model(text, text.clone(), touch_unused=True).loss.backward()
+    assert all(p.grad is not None for p in model.semantic_align.parameters())
+    export = save_pretrained(model, tok, tmp_path / "export")
+    assert load_pretrained(export)[0].semantic_align is None
+    section = {"llm": {"arch": ARCHS["qwen2"], "text_tokenizer": str(assets / "tok")}, "wintok": str(assets / "wt"),
+               "init_from": str(export), "generation": {"semantic_align": {"weight": 0.2, "layer": 2}}}
+    again = build_model(load_config(ModelConfig, section), CFGDropConfig())[0]
+    assert again.semantic_align.layer == 2 and again.semantic_align_weight == 0.2
+    with pytest.raises(ValueError, match=r"semantic_align\.layer: 3, but the LLM has 2 layers"):
+        build(assets, generation={"semantic_align": {"weight": 0.5, "layer": 3}})
+    with pytest.raises(ValueError, match=r"semantic_align\.target: grid needs square grids.*3 semantic tokens"):
+        build(assets, generation={"semantic_align": {"weight": 0.5, "target": "grid"}})
+
+
+def test_semantic_align_grid_pairs_each_slot_with_the_token_of_its_region() -> None:
+    """8 × 8 positions over 4 × 4 semantic tokens (the ShapeWorld preset): position (row, col) lies in region
+    (row // 2, col // 2); with one-hot tokens and an identity MLP the loss is 0 only for that pairing."""
+    from unified_mllm.model.semantic_align import SemanticAlign
+
+    align = SemanticAlign(16, 16, "grid", 1, 64, 16)
+    rows, cols = torch.arange(64) // 8, torch.arange(64) % 8
+    assert align.cell.tolist() == ((rows // 2) * 4 + cols // 2).tolist()
+    align.proj = torch.nn.Identity()
+    sem = torch.eye(16)[None].repeat(2, 1, 1)  # two images
+    region = torch.nn.functional.one_hot(align.cell, 16).float()
+    assert float(align(region.repeat(2, 1), sem)) == pytest.approx(0.0, abs=1e-6)
+    assert float(align(region.flip(0).repeat(2, 1), sem)) > 0.5
+    with pytest.raises(ValueError, match="9 generation slots for 2 images"):
+        align(region[:9], sem)
+
+
+def test_semantic_align_center_subtracts_the_running_mean_of_the_targets() -> None:
+    """center: the targets minus a running mean (the first batch's mean, then momentum), updated in training only."""
+    from unified_mllm.model.semantic_align import SemanticAlign
+
+    align = SemanticAlign(3, 3, "pooled", 1, 4, 2, center=True, momentum=0.5)
+    align.proj = torch.nn.Identity()
+    sem = torch.tensor([[[1.0, 0.0, 2.0], [1.0, 2.0, 2.0]], [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]])  # pooled: 1,1,2 / 1,0,0
+    hidden = torch.tensor([[0.0, 0.5, 1.0]] * 4 + [[0.0, -0.5, -1.0]] * 4)  # 4 slots per image
+    align.train()
+    assert float(align(hidden, sem)) == pytest.approx(0.0, abs=1e-6)  # mean (1, .5, 1): targets ±(0, .5, 1)
+    torch.testing.assert_close(align.target_mean, torch.tensor([1.0, 0.5, 1.0]))
+    align(hidden, sem[:1])  # another batch moves the mean halfway toward (1, 1, 2)
+    torch.testing.assert_close(align.target_mean, torch.tensor([1.0, 0.75, 1.5]))
+    align.eval()
+    align(hidden, sem)
+    torch.testing.assert_close(align.target_mean, torch.tensor([1.0, 0.75, 1.5]))

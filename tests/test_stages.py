@@ -142,6 +142,26 @@ def test_task_lr_scale_multiplies_that_tasks_updates(world: dict, tmp_path: Path
     assert res.returncode != 0 and "optim.task_lr_scale: ['drawing'] not a task of" in res.stderr
 
 
+def test_semantic_align_trains_in_the_mixed_stage_and_stays_out_of_the_export(world: dict, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    out = tmp_path / "align"
+    res = run(stage_cmd(world, "mixed", out, 4, "model.generation.semantic_align.weight=0.5",
+                        "model.generation.semantic_align.target=grid", "optim.task_ratio.understanding=0.5",
+                        "optim.task_ratio.generation=0.5"), world)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss/understanding", "loss/generation"} <= {k for r in records for k in r}
+    for r in records:  # one step per window: the alignment is logged exactly on the generation steps
+        assert ("align_loss" in r) == ("loss/generation" in r)
+        assert 0.0 <= r.get("align_loss", 0.0) <= 2.0
+    with safe_open(str(out / "export" / "model.safetensors"), "pt") as f:
+        assert f.keys() and not any(k.startswith("semantic_align") for k in f.keys())
+    res = run(stage_cmd(world, "mixed", tmp_path / "bad", 1, "model.generation.semantic_align.weight=0.5",
+                        "model.generation.semantic_align.layer=5"), world)
+    assert res.returncode != 0 and "semantic_align.layer: 5, but the LLM has 2 layers" in res.stderr
+
+
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_processes_under_the_deepspeed_launcher(world: dict, tmp_path: Path, zero: str) -> None:
     port = str(29500 + (os.getpid() % 1000) + (zero == "zero3"))

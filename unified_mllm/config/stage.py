@@ -41,6 +41,29 @@ class ProjectorConfig:
 
 
 @dataclass
+class SemanticAlignConfig:
+    weight: float = 0.0
+    """Weight of the alignment loss; 0 turns it off. REPA (Yu et al., 2025) and ARRA (Xie et al., 2025) align a
+    generator's hidden states with a frozen vision encoder's features: here an MLP reads the LLM's hidden state before
+    each generation slot at ``layer`` and is pulled (1 − cos) toward the WinTok semantic tokens of the image being
+    drawn, so the caption must predict what the image holds. Training only: the MLP is not exported."""
+    target: Literal["pooled", "grid"] = "pooled"
+    """pooled: every slot aligns with the mean of the image's semantic tokens (any WinTok). grid: a slot aligns with the
+    semantic token of the region it lies in, for WinToks whose semantic tokens form a square grid of regions (the
+    ShapeWorld preset distils them per region: ``loss.distill_tokens``)."""
+    layer: int = 0
+    """The LLM layer whose output is aligned (1 … num_hidden_layers); 0: the middle one (REPA aligns an early layer)."""
+    center: bool = False
+    """Subtract a running mean of the targets (momentum 0.99) before the cosine: the alignment is then on what sets an
+    image apart, not on what every image shares (ShapeWorld's mostly empty scenes make the uncentred pooled target
+    nearly the same for every image)."""
+
+    def __post_init__(self) -> None:
+        check(self.weight >= 0.0, "weight", f"must be >= 0 (0: off), got {self.weight}")
+        check(self.layer >= 0, "layer", f"must be >= 0 (0: the middle layer), got {self.layer}")
+
+
+@dataclass
 class GenerationHeadConfig:
     embedding: Literal["sum", "causal_proj"] = "sum"
     """Pixel-code input embedding: sum of per-sub-codebook embeddings (LlamaGen), or WinTok codebook lookup + causal projection (UniTok/Liquid)."""
@@ -55,6 +78,9 @@ class GenerationHeadConfig:
     """Width of the depth transformer (head: depth); 0: the LLM's width. It runs over every sub-code of every image
     position, so on a small LLM it can cost more than the LLM itself; a narrower one reads the LLM's hidden state
     through a linear projection."""
+    semantic_align: SemanticAlignConfig = field(default_factory=SemanticAlignConfig)
+    """An auxiliary loss that aligns the LLM's hidden states at the generation slots with WinTok's semantic tokens of
+    the target image (off by default)."""
 
     def __post_init__(self) -> None:
         check(self.depth_layers >= 1, "depth_layers", f"must be >= 1, got {self.depth_layers}")

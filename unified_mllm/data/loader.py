@@ -103,8 +103,8 @@ class DataStream:
         return {**self.records[name][self._order(name, epoch)[pos]], "_epoch": epoch}
 
     def build(self, rec: dict) -> tuple:
-        """One record → ``("ok", sample, und features, gen codes)`` or ``("bad", reason, message)``; a pure function
-        of the record, run in the main process or in a worker."""
+        """One record → ``("ok", sample, und features, gen features)``, each a (semantic, pixel codes) pair per image,
+        or ``("bad", reason, message)``; a pure function of the record, run in the main process or in a worker."""
         rng = random.Random(f"{self.seed}:{rec['source']}:{rec['_epoch']}:{rec['index']}")
         try:
             sample = self.builder.build(rec, rng)
@@ -112,7 +112,7 @@ class DataStream:
                 raise BadSample("too_long", f"record {rec['index']} of {rec['source']}: {len(sample.input_ids)} "
                                             f"tokens > data.max_seq_len {self.cfg.max_seq_len}")
             und = [self.features.get(ref) for ref in sample.und_images]
-            gen = [self.features.get(ref)[1] for ref in sample.gen_images]
+            gen = [self.features.get(ref) for ref in sample.gen_images]
             return "ok", sample, und, gen
         except BadSample as e:
             return "bad", e.reason, str(e)
@@ -221,14 +221,14 @@ def _to_numpy(result: tuple) -> tuple:
     if result[0] != "ok":
         return result
     _, sample, und, gen = result
-    return "ok", sample, [(s.numpy(), p.numpy()) for s, p in und], [g.numpy() for g in gen]
+    return "ok", sample, *([(s.numpy(), p.numpy()) for s, p in feats] for feats in (und, gen))
 
 
 def _from_numpy(result: tuple) -> tuple:
     if result[0] != "ok":
         return result
     _, sample, und, gen = result
-    return "ok", sample, [(torch.from_numpy(s), torch.from_numpy(p)) for s, p in und], [torch.from_numpy(g) for g in gen]
+    return "ok", sample, *([(torch.from_numpy(s), torch.from_numpy(p)) for s, p in feats] for feats in (und, gen))
 
 
 def _worker_main(build, tasks, results, parent: int) -> None:

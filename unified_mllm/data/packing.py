@@ -8,21 +8,22 @@ from unified_mllm.data.masking import IGNORE
 
 
 def collate(rows: list[list], features, pad_id: int, packing: bool, max_len: int) -> dict:
-    """rows: lists of (Sample, und_feats, gen_codes) packed together → the contract's batch dict (``records``:
+    """rows: lists of (Sample, und features, gen features) packed together → the contract's batch dict (``records``:
     (source, record index) of every sample, in order; not a model input)."""
     input_ids, labels, positions, masks = [], [], [], []
-    und_sem, und_pix, gen = [], [], []
+    und_sem, und_pix, gen_sem, gen = [], [], [], []
     sources, records, task = [], [], None
     width = max(sum(len(s.input_ids) for s, *_ in row) for row in rows)  # <= max_len by construction
     for row in rows:
         ids, lab, pos = [], [], []
-        for sample, und, codes in row:
+        for sample, und, gen_feats in row:
             ids += sample.input_ids
             lab += sample.labels
             pos += list(range(len(sample.input_ids)))
             und_sem += [u[0] for u in und]
             und_pix += [u[1] for u in und]
-            gen += codes
+            gen_sem += [g[0] for g in gen_feats]
+            gen += [g[1] for g in gen_feats]
             sources.append(sample.source)
             records.append((sample.source, sample.record))
             task = sample.task
@@ -41,4 +42,5 @@ def collate(rows: list[list], features, pad_id: int, packing: bool, max_len: int
         batch["und_pixel_codes"] = torch.stack(und_pix)
     if gen:
         batch["gen_codes"] = torch.stack(gen)
+        batch["gen_semantic"] = torch.stack(gen_sem)
     return batch

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from unified_mllm.config.stage import CFGDropConfig, ModelConfig
+from unified_mllm.config.stage import CFGDropConfig, ModelConfig, SemanticAlignConfig
 from unified_mllm.model.config import UnifiedConfig, VisionSizes
 from unified_mllm.model.unified import UnifiedMLLM
 from unified_mllm.tokens import add_special_tokens
@@ -86,6 +86,7 @@ def build_model(model_cfg: ModelConfig, cfg_drop: CFGDropConfig, text_loss_weigh
         model, tok = load_pretrained(model_cfg.init_from)
         check_init_from(model_cfg, model.config)
         model.text_loss_weight, model.image_loss_weight = text_loss_weight, image_loss_weight
+        attach_semantic_align(model, model_cfg.generation.semantic_align)
         return model, tok, list(model.config.new_token_ids)
     if model_cfg.wintok is None:
         raise ValueError("model.wintok: the unified model needs a WinTok checkpoint (its sizes shape the heads)")
@@ -108,4 +109,22 @@ def build_model(model_cfg: ModelConfig, cfg_drop: CFGDropConfig, text_loss_weigh
     model = UnifiedMLLM(config, llm, wintok, text_loss_weight, image_loss_weight)
     if config.gen_embedding == "causal_proj":
         model.gen_embedding.init_from_wintok(wintok)
+    attach_semantic_align(model, model_cfg.generation.semantic_align)
     return model, tokenizer, new_ids
+
+
+def attach_semantic_align(model: UnifiedMLLM, cfg: SemanticAlignConfig) -> None:
+    """Give the model the semantic-alignment loss module when ``cfg.weight`` > 0 (a fresh MLP: it is never exported)."""
+    from unified_mllm.model.semantic_align import SemanticAlign
+
+    if cfg.weight <= 0:
+        return
+    llm, v = model.config.llm_config, model.config.vision
+    layers = int(llm["num_hidden_layers"])
+    layer = cfg.layer or max(1, layers // 2)
+    if layer > layers:
+        raise ValueError(f"model.generation.semantic_align.layer: {cfg.layer}, but the LLM has {layers} layers "
+                         f"(1 … {layers}; 0: the middle one)")
+    model.semantic_align = SemanticAlign(int(llm["hidden_size"]), v.semantic_dim, cfg.target, layer, v.num_positions,
+                                         v.num_semantic_tokens, cfg.center)
+    model.semantic_align_weight = cfg.weight

@@ -19,8 +19,12 @@ WEIGHTS = "model.safetensors"
 CONFIG = "unified_config.json"
 
 
+NOT_EXPORTED = ("wintok.", "semantic_align.")
+"""WinTok is saved beside the weights; the semantic-alignment MLP is a training-time loss module."""
+
+
 def trainable_state_dict(model: UnifiedMLLM) -> dict:
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("wintok.")}
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(NOT_EXPORTED)}
 
 
 def save_pretrained(model: UnifiedMLLM, tokenizer, directory: str | Path, state_dict: dict | None = None) -> Path:
@@ -28,7 +32,7 @@ def save_pretrained(model: UnifiedMLLM, tokenizer, directory: str | Path, state_
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sd = state_dict if state_dict is not None else trainable_state_dict(model)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items() if not k.startswith("wintok.")}
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items() if not k.startswith(NOT_EXPORTED)}
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt", "model_type": "unified_mllm"})
     model.config.save(directory / CONFIG)
     tokenizer.save_pretrained(str(directory))

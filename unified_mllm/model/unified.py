@@ -32,6 +32,9 @@ class UnifiedOutput:
     """(B, L−1) loss of predicting token t+1 at t (0 where unlabelled), with return_per_token."""
     per_slot_image_loss: torch.Tensor | None = None
     """(S,) mean sub-code loss of each generation slot in order, with return_per_token."""
+    align_loss: torch.Tensor | None = None
+    """1 − cos of the semantic alignment (None unless a SemanticAlign is attached and the batch draws images); the
+    loss includes it times ``semantic_align_weight``."""
 
 
 class UnifiedMLLM(nn.Module):
@@ -49,6 +52,9 @@ class UnifiedMLLM(nn.Module):
         self.gen_embedding = build_gen_embedding(config, hidden)
         self.gen_head = build_gen_head(config, hidden)
         self.text_loss_weight, self.image_loss_weight = text_loss_weight, image_loss_weight
+        # a training-time loss module (semantic_align.py), attached by the stage that asks for it; never exported
+        self.semantic_align: nn.Module | None = None
+        self.semantic_align_weight = 0.0
         ids = config.special_ids
         self.image_token_id, self.image_gen_token_id = ids["image_token_id"], ids["image_gen_token_id"]
 
@@ -82,13 +88,17 @@ class UnifiedMLLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 und_semantic: torch.Tensor | None = None, und_pixel_codes: torch.Tensor | None = None,
-                gen_codes: torch.Tensor | None = None, task: str | None = None, sources: list[str] | None = None,
+                gen_codes: torch.Tensor | None = None, gen_semantic: torch.Tensor | None = None,
+                task: str | None = None, sources: list[str] | None = None,
                 touch_unused: bool = False, return_per_token: bool = False,
                 return_logits: bool = False) -> UnifiedOutput:
         embeds = self.embed_inputs(input_ids, und_semantic, und_pixel_codes, gen_codes)
+        align = self.semantic_align if gen_semantic is not None and gen_codes is not None and gen_codes.numel() \
+            else None
         # the decoder and the LM head separately: training needs logits only where a text label is
-        hidden = self.llm.get_decoder()(inputs_embeds=embeds, position_ids=position_ids,
-                                        attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, L, H)
+        decoded = self.llm.get_decoder()(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
+                                         use_cache=False, output_hidden_states=align is not None)
+        hidden = decoded.last_hidden_state  # (B, L, H)
         lm_head = self.llm.get_output_embeddings()
         logits = lm_head(hidden) if labels is None or return_logits else None  # (B, L, V)
         zero = hidden.sum() * 0.0
@@ -114,14 +124,19 @@ class UnifiedMLLM(nn.Module):
             slot_loss = F.cross_entropy(code_logits.float().transpose(1, 2), targets, reduction="none").mean(1)  # (S,)
             n_slots = slot_loss.shape[0]
             image_loss, per_slot = slot_loss.mean(), slot_loss
+        align_loss = align(decoded.hidden_states[align.layer][before_slot], gen_semantic) if align is not None else None
         loss = self.text_loss_weight * text_loss + self.image_loss_weight * image_loss
+        if align_loss is not None:
+            loss = loss + self.semantic_align_weight * align_loss
         if touch_unused:
             loss = loss + self._dummy_pass(hidden, used_und=und_semantic is not None or und_pixel_codes is not None,
-                                           used_gen=gen_codes is not None and gen_codes.numel() > 0)
+                                           used_gen=gen_codes is not None and gen_codes.numel() > 0,
+                                           used_align=align_loss is not None)
         return UnifiedOutput(loss, text_loss, image_loss, n_text, n_slots * self.config.vision.num_codebooks, logits,
-                             per_token if return_per_token else None, per_slot if return_per_token else None)
+                             per_token if return_per_token else None, per_slot if return_per_token else None,
+                             align_loss)
 
-    def _dummy_pass(self, hidden: torch.Tensor, used_und: bool, used_gen: bool) -> torch.Tensor:
+    def _dummy_pass(self, hidden: torch.Tensor, used_und: bool, used_gen: bool, used_align: bool) -> torch.Tensor:
         """A zero-weighted pass through the modules this batch did not use (ZeRO-3 needs every hook to fire)."""
         v = self.config.vision
         total = hidden.sum() * 0.0
@@ -134,4 +149,6 @@ class UnifiedMLLM(nn.Module):
             codes = torch.zeros(1, v.num_codebooks, 1, dtype=torch.long, device=hidden.device)
             total = total + self.gen_embedding(codes).sum() * 0.0
             total = total + self.gen_head(hidden[:1, 0], codes[:, :, 0]).sum() * 0.0
+        if self.semantic_align is not None and not used_align:
+            total = total + self.semantic_align.proj(hidden[:1, 0]).sum() * 0.0
         return total

@@ -60,14 +60,16 @@ def apply_trainables(model: nn.Module, train: TrainablesConfig, new_token_ids: l
     _set(getattr(model, "projector", None), train.projector)
     _set(getattr(model, "gen_embedding", None), train.generation)
     _set(getattr(model, "gen_head", None), train.generation)
+    _set(getattr(model, "semantic_align", None), train.generation)
     if getattr(model, "wintok", None) is not None:
         model.wintok.requires_grad_(False)
         model.wintok.eval()
     groups = {
         "llm": sum(p.numel() for p in model.llm.parameters() if p.requires_grad),
         "projector": sum(p.numel() for p in getattr(model, "projector", nn.Module()).parameters() if p.requires_grad),
-        "generation": sum(p.numel() for m in ("gen_embedding", "gen_head")
-                          for p in getattr(model, m, nn.Module()).parameters() if p.requires_grad),
+        "generation": sum(p.numel() for m in ("gen_embedding", "gen_head", "semantic_align")
+                          if getattr(model, m, None) is not None
+                          for p in getattr(model, m).parameters() if p.requires_grad),
     }
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -12,6 +12,8 @@ from typing import Any
 from unified_mllm.config.stage import LoggingConfig
 
 LOSSES = ("loss", "text_loss", "image_loss")
+OPTIONAL_LOSSES = ("align_loss",)
+"""Logged as the mean over the window's steps that have them (the semantic alignment: generation steps only)."""
 
 
 class LogWindow:
@@ -26,8 +28,10 @@ class LogWindow:
 
     def add(self, step: dict[str, Any], seconds: float) -> None:
         """One optimizer step's metrics (``task``, ``tokens`` and the losses) and the seconds it took."""
+        optional = {k: step[k] for k in OPTIONAL_LOSSES if k in step}
         self.tasks.setdefault(step["task"], Counter()).update(
-            {"tokens": step["tokens"], "seconds": seconds, "steps": 1, **{k: step[k] for k in LOSSES}})
+            {"tokens": step["tokens"], "seconds": seconds, "steps": 1, **{k: step[k] for k in LOSSES}, **optional,
+             **{f"steps:{k}": 1 for k in optional}})
 
     def record(self, reduce: Callable[[float], float] = lambda x: x) -> dict[str, float]:
         """The window's means. ``reduce`` sums a value over the ranks (tokens only: every rank draws the same task
@@ -37,6 +41,9 @@ class LogWindow:
         tokens = {t: reduce(s["tokens"]) for t, s in tasks}
         steps = sum(s["steps"] for _, s in tasks)
         record = {k: sum(s[k] for _, s in tasks) / steps for k in LOSSES}
+        for k in OPTIONAL_LOSSES:
+            if n := sum(s[f"steps:{k}"] for _, s in tasks):
+                record[k] = sum(s[k] for _, s in tasks) / n
         record.update({f"loss/{t}": s["loss"] / s["steps"] for t, s in tasks})
         record["tokens_per_s"] = sum(tokens.values()) / elapsed
         record.update({f"tokens_per_s/{t}": tokens[t] / max(s["seconds"], 1e-9) for t, s in tasks})

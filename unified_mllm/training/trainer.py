@@ -99,6 +99,7 @@ class StageTrainer:
     def train_step(self, data_iter) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches. Raises NonFiniteLoss before applying a bad update."""
         totals: dict[str, float] = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0, "tokens": 0.0}
+        align: list[float] = []
         tasks: list[str] = []
         for _ in range(self.cfg.optim.grad_accum):
             batch = next(data_iter)
@@ -118,12 +119,15 @@ class StageTrainer:
             totals["loss"] += float(out.loss.detach())
             totals["text_loss"] += float(out.text_loss.detach())
             totals["image_loss"] += float(out.image_loss.detach())
+            if out.align_loss is not None:
+                align.append(float(out.align_loss.detach()))
             totals["tokens"] += float((batch["input_ids"] != self.pad_id).sum())  # real tokens: packed rows pad too
         self.step += 1
         n = self.cfg.optim.grad_accum
         return {"loss": totals["loss"] / n, "text_loss": totals["text_loss"] / n,
                 "image_loss": totals["image_loss"] / n, "tokens": totals["tokens"],
-                "task": "+".join(sorted({str(t) for t in tasks}))}  # micro-batches of different tasks: "a+b"
+                "task": "+".join(sorted({str(t) for t in tasks})),  # micro-batches of different tasks: "a+b"
+                **({"align_loss": sum(align) / len(align)} if align else {})}
 
     @contextmanager
     def task_lr(self, tasks: list[str]):
