@@ -583,3 +583,20 @@ def test_every_rank_draws_the_same_task_sequence(pretokenized_mixture) -> None:
     assert [b["records"] for b in batches[0]] != [b["records"] for b in batches[1]]
     assert [b["task"] for b in batches[0]] == [b["task"] for b in batches[1]]
     assert {b["task"] for b in batches[0]} == {"understanding", "generation"}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_generation_batches_carry_semantic_tokens_only_when_asked(tmp_path: Path, builder: SampleBuilder,
+                                                                   workers: int) -> None:
+    """The semantic alignment reads the drawn images' semantic tokens; without it they are not batched at all."""
+    cfg = load_config(DataConfig, {"max_seq_len": 64, "packing": True, "num_workers": workers})
+    for asked in (False, True):
+        stream = DataStream(cfg, write_sources(tmp_path), builder, FakeFeatures(), micro_batch_size=2, seed=3,
+                            task_ratio={"understanding": 0.0, "generation": 1.0}, gen_semantic=asked)
+        try:
+            batch = next(stream)
+        finally:
+            stream.close()
+        assert ("gen_semantic" in batch) == asked
+        if asked:
+            assert batch["gen_semantic"].shape == (batch["gen_codes"].shape[0], 3, 8)

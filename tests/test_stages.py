@@ -155,6 +155,8 @@ def test_semantic_align_trains_in_the_mixed_stage_and_stays_out_of_the_export(wo
     for r in records:  # one step per window: the alignment is logged exactly on the generation steps
         assert ("align_loss" in r) == ("loss/generation" in r)
         assert 0.0 <= r.get("align_loss", 0.0) <= 2.0
+        # the stage's loss is the text and image losses plus weight 0.5 × the alignment
+        assert r["loss"] == pytest.approx(r["text_loss"] + r["image_loss"] + 0.5 * r.get("align_loss", 0.0), rel=1e-5)
     with safe_open(str(out / "export" / "model.safetensors"), "pt") as f:
         assert f.keys() and not any(k.startswith("semantic_align") for k in f.keys())
     res = run(stage_cmd(world, "mixed", tmp_path / "bad", 1, "model.generation.semantic_align.weight=0.5",

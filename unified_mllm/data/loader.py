@@ -46,8 +46,11 @@ class DataStream:
     def __init__(self, data_cfg: DataConfig, recipe: RecipeConfig, builder: SampleBuilder, features: ImageFeatures,
                  micro_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  task_ratio: dict[str, float] | None = None, recipe_path: str = "recipe",
-                 task_micro_batch_size: dict[str, int] | None = None):
+                 task_micro_batch_size: dict[str, int] | None = None, gen_semantic: bool = False):
         self.cfg, self.builder, self.features = data_cfg, builder, features
+        # the semantic tokens of the images to draw: only the semantic alignment reads them, so without it they are
+        # neither sent from the workers nor batched and moved to the device
+        self.gen_semantic = gen_semantic
         self.micro_batch_size, self.rank, self.world_size, self.seed = micro_batch_size, rank, world_size, seed
         self.sources = {s.name: s for s in recipe.sources}
         self.records = {s.name: list(read_source(s, recipe_path)) for s in recipe.sources}
@@ -103,8 +106,8 @@ class DataStream:
         return {**self.records[name][self._order(name, epoch)[pos]], "_epoch": epoch}
 
     def build(self, rec: dict) -> tuple:
-        """One record → ``("ok", sample, und features, gen features)``, each a (semantic, pixel codes) pair per image,
-        or ``("bad", reason, message)``; a pure function of the record, run in the main process or in a worker."""
+        """One record → ``("ok", sample, und features, gen features)``, each a (semantic, pixel codes) pair per image
+        (the gen semantic None unless ``gen_semantic``), or ``("bad", reason, message)``; a pure function of the record, run in the main process or in a worker."""
         rng = random.Random(f"{self.seed}:{rec['source']}:{rec['_epoch']}:{rec['index']}")
         try:
             sample = self.builder.build(rec, rng)
@@ -112,7 +115,8 @@ class DataStream:
                 raise BadSample("too_long", f"record {rec['index']} of {rec['source']}: {len(sample.input_ids)} "
                                             f"tokens > data.max_seq_len {self.cfg.max_seq_len}")
             und = [self.features.get(ref) for ref in sample.und_images]
-            gen = [self.features.get(ref) for ref in sample.gen_images]
+            gen = [(sem if self.gen_semantic else None, codes)
+                   for sem, codes in (self.features.get(ref) for ref in sample.gen_images)]
             return "ok", sample, und, gen
         except BadSample as e:
             return "bad", e.reason, str(e)
@@ -216,19 +220,20 @@ class DataStream:
 
 
 # --------------------------------------------------------------------------------------------- worker processes
-def _to_numpy(result: tuple) -> tuple:
-    """Tensors cross the process boundary as numpy arrays (plain pickling, no shared-memory file handles)."""
+def _map_features(result: tuple, fn) -> tuple:
     if result[0] != "ok":
         return result
     _, sample, und, gen = result
-    return "ok", sample, *([(s.numpy(), p.numpy()) for s, p in feats] for feats in (und, gen))
+    return "ok", sample, *([(None if s is None else fn(s), fn(p)) for s, p in feats] for feats in (und, gen))
+
+
+def _to_numpy(result: tuple) -> tuple:
+    """Tensors cross the process boundary as numpy arrays (plain pickling, no shared-memory file handles)."""
+    return _map_features(result, lambda t: t.numpy())
 
 
 def _from_numpy(result: tuple) -> tuple:
-    if result[0] != "ok":
-        return result
-    _, sample, und, gen = result
-    return "ok", sample, *([(torch.from_numpy(s), torch.from_numpy(p)) for s, p in feats] for feats in (und, gen))
+    return _map_features(result, torch.from_numpy)
 
 
 def _worker_main(build, tasks, results, parent: int) -> None:

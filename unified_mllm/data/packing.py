@@ -42,5 +42,6 @@ def collate(rows: list[list], features, pad_id: int, packing: bool, max_len: int
         batch["und_pixel_codes"] = torch.stack(und_pix)
     if gen:
         batch["gen_codes"] = torch.stack(gen)
-        batch["gen_semantic"] = torch.stack(gen_sem)
+        if gen_sem[0] is not None:  # carried only for the semantic alignment (DataStream gen_semantic)
+            batch["gen_semantic"] = torch.stack(gen_sem)
     return batch

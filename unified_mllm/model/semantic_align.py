@@ -16,9 +16,9 @@ class SemanticAlign(nn.Module):
                  num_semantic_tokens: int, center: bool = False, momentum: float = 0.99):
         super().__init__()
         self.target, self.layer, self.center, self.momentum = target, layer, center, momentum
-        # the running mean of the targets (center): saved in training checkpoints so a resumed run continues it
-        self.register_buffer("target_mean", torch.zeros(semantic_dim))
-        self.register_buffer("target_seen", torch.zeros((), dtype=torch.bool))
+        if center:  # the running mean of the targets: in training checkpoints, so a resumed run continues it
+            self.register_buffer("target_mean", torch.zeros(semantic_dim))
+            self.register_buffer("target_seen", torch.zeros(()))  # 0 until the first batch sets the mean outright
         self.proj = nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size), nn.SiLU(),
                                   nn.Linear(2 * hidden_size, semantic_dim))
         if target == "grid":
@@ -46,11 +46,10 @@ class SemanticAlign(nn.Module):
             target = semantic.float()[:, self.cell[:per_image]]  # (G, P, D)
         if self.center:
             if self.training:
-                with torch.no_grad():
-                    batch_mean = target.mean((0, 1))
-                    keep = self.momentum if bool(self.target_seen) else 0.0
-                    self.target_mean.mul_(keep).add_(batch_mean * (1.0 - keep))
-                    self.target_seen.fill_(True)
+                with torch.no_grad():  # tensor ops only: no host sync in the training step
+                    keep = self.target_seen * self.momentum
+                    self.target_mean.mul_(keep).add_(target.mean((0, 1)) * (1.0 - keep))
+                    self.target_seen.fill_(1.0)
             target = target - self.target_mean
         pred = self.proj(hidden).float()
         return 1.0 - F.cosine_similarity(pred, target.reshape(-1, target.shape[-1]), dim=-1).mean()

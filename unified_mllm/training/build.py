@@ -48,7 +48,8 @@ def build_data(cfg: StageConfig, model, tokenizer, rank: int, world_size: int):
                             model.config.vision.num_positions, template,
                             cfg.data.cfg.drop_prob, cfg.data.cfg.uncond_prompt)
     return DataStream(cfg.data, recipe, builder, features, cfg.optim.micro_batch_size, rank, world_size,
-                      cfg.data.seed, cfg.optim.task_ratio or None, cfg.data.recipe, cfg.optim.task_micro_batch_size)
+                      cfg.data.seed, cfg.optim.task_ratio or None, cfg.data.recipe, cfg.optim.task_micro_batch_size,
+                      gen_semantic=model.semantic_align is not None)
 
 
 def model_inputs(batch: dict, device) -> dict:
