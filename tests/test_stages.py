@@ -162,6 +162,12 @@ def test_semantic_align_trains_in_the_mixed_stage_and_stays_out_of_the_export(wo
     res = run(stage_cmd(world, "mixed", tmp_path / "bad", 1, "model.generation.semantic_align.weight=0.5",
                         "model.generation.semantic_align.layer=5"), world)
     assert res.returncode != 0 and "semantic_align.layer: 5, but the LLM has 2 layers" in res.stderr
+    # resuming that run with the alignment off: its weights do not fit; one error names the setting and the ways on
+    res = run(stage_cmd(world, "mixed", out, 6, "model.generation.semantic_align.weight=0",
+                        "optim.task_ratio.understanding=0.5", "optim.task_ratio.generation=0.5"), world)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "model.generation.semantic_align.weight: 0.5 → 0.0 (checkpoint → this run)" in res.stderr
+    assert "checkpoint.resume=never" in res.stderr and "Traceback" not in res.stderr
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])

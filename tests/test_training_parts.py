@@ -113,3 +113,23 @@ def test_single_process_run_leaves_no_shared_memory_behind(tmp_path) -> None:
         pytest.skip("DeepSpeed's shared-memory all-reduce op is not built here; nothing to clean up")
     # the op made its segment and the run still had it mapped (the all-reduce keeps working); only the name went
     assert f"_{port}_0 (deleted)" in res.stdout, res.stdout
+
+
+def test_a_killed_builds_lock_is_removed_and_a_recent_one_named(tmp_path) -> None:
+    """A run killed while torch compiled DeepSpeed's op leaves ``<op>/lock``; every later run then waited on it
+    forever, silently. Both layouts: TORCH_EXTENSIONS_DIR/<op>/lock and <cache>/py311_cpu/<op>/lock."""
+    from unified_mllm.training.distributed import STALE_BUILD_LOCK_S, clear_stale_build_locks
+
+    stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    recent = tmp_path / "cpu_adam" / "lock"
+    built = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+    for f in (stale, recent, built):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.touch()
+    now = recent.stat().st_mtime + 5
+    os.utime(stale, (now - STALE_BUILD_LOCK_S - 60, now - STALE_BUILD_LOCK_S - 60))
+    lines = clear_stale_build_locks(tmp_path, now=now)
+    assert not stale.exists() and recent.exists() and built.exists()
+    assert len(lines) == 2 and any(f"removed {stale}" in x for x in lines)
+    assert any(str(recent) in x and "delete the file" in x for x in lines)
+    assert clear_stale_build_locks(tmp_path / "absent") == []

@@ -182,7 +182,7 @@ class TokenizerTrainer:
             return None
         if not (path / "meta.json").is_file():
             raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint (no meta.json)")
-        self.load_state_dict(self.ckpt.load(self.engine, path))
+        self.load_state_dict(self.ckpt.load(self.engine, path, to_dict(self.cfg)))
         return path
 
     def save(self) -> Path:

@@ -95,10 +95,16 @@ class CheckpointManager:
         barrier()
         return final
 
-    def load(self, engine, path: Path) -> dict[str, Any]:
-        """Restore the engine (model, optimizer, scheduler) and return this rank's trainer state."""
-        load_path, _ = engine.load_checkpoint(str(path / "ds"), tag=DS_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+    def load(self, engine, path: Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Restore the engine (model, optimizer, scheduler) and return this rank's trainer state. ``config`` (this
+        run's resolved config) names the settings that differ from the checkpoint's when its weights do not fit."""
+        try:
+            load_path, _ = engine.load_checkpoint(str(path / "ds"), tag=DS_TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        except RuntimeError as e:  # the state dict does not fit this model (torch's "Missing key(s)…", shapes)
+            if "state_dict" not in str(e):
+                raise
+            raise ValueError(self.mismatch_message(path, config, e)) from e
         if load_path is None:
             raise FileNotFoundError(f"{path}: DeepSpeed state missing or unreadable; delete this checkpoint "
                                     f"directory to resume from an earlier one")
@@ -107,3 +113,23 @@ class CheckpointManager:
             raise FileNotFoundError(f"{state_file}: missing — the checkpoint was written with another number of "
                                     f"processes; resume with the same world size")
         return _from_safe(torch.load(state_file, map_location="cpu", weights_only=True))
+
+    @staticmethod
+    def mismatch_message(path: Path, config: dict[str, Any] | None, error: Exception) -> str:
+        """One error for a checkpoint whose weights do not fit this run's model: the model and trainable settings
+        that differ (checkpoint → now), and the two ways on."""
+        then = json.loads((path / "meta.json").read_text()).get("config", {})
+        config = json.loads(json.dumps(config or {}, default=str))  # as meta.json holds it: lists, not tuples
+        diffs = [f"{k}: {a!r} → {b!r}" for section in ("model", "train")
+                 for k, a, b in _differences(then.get(section, {}), config.get(section, {}), section)]
+        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        what = ("; ".join(diffs) + " (checkpoint → this run)") if diffs else f"the model differs ({first[:300]})"
+        return (f"checkpoint.resume: {path} was written by a run with another model: {what}. Set those back to "
+                f"resume it, or start afresh: another checkpoint.output_dir, or --set checkpoint.resume=never")
+
+
+def _differences(a: Any, b: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    """(dotted key, a's value, b's value) for every leaf where two nested dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}.{k}")]
+    return [] if a == b else [(prefix, a, b)]

@@ -5,8 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
+from pathlib import Path
 
 import torch
+
+STALE_BUILD_LOCK_S = 600.0
+"""A torch-extension build lock older than this is left by a killed build (DeepSpeed's ops compile in 35–90 s)."""
 
 
 def _free_port() -> int:
@@ -23,6 +28,8 @@ def init_distributed() -> tuple[int, int]:
     """
     import deepspeed
 
+    for line in clear_stale_build_locks():
+        print(f"[init_distributed] {line}", file=sys.stderr, flush=True)
     if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
@@ -34,6 +41,39 @@ def init_distributed() -> tuple[int, int]:
 
     _unlink_shm_buffer(dist)
     return dist.get_rank(), dist.get_world_size()
+
+
+def extensions_root() -> Path:
+    """Where torch builds JIT extensions such as DeepSpeed's CPU ops: ``TORCH_EXTENSIONS_DIR``, else its cache."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def clear_stale_build_locks(root: Path | None = None, now: float | None = None) -> list[str]:
+    """Remove the build locks that a killed build left behind, and say which; name the recent ones.
+
+    torch builds an extension (DeepSpeed's shared-memory all-reduce op at the first initialisation, cpu_adam for
+    optimizer offload) under a ``lock`` file that the next process waits on, polling, without a word and without
+    end. A run killed while compiling (Ctrl-C in the first minute) leaves the file, and every later run on the
+    machine then hangs at start-up. A lock older than :data:`STALE_BUILD_LOCK_S` is removed; a younger one may be
+    another run's build in progress, so it is only named, with the fix, in case the run then waits.
+    """
+    root = root or extensions_root()
+    now = time.time() if now is None else now
+    lines = []
+    for lock in sorted({*root.glob("*/lock"), *root.glob("*/*/lock")}):
+        try:
+            age = now - lock.stat().st_mtime
+            if age > STALE_BUILD_LOCK_S:
+                lock.unlink()
+                lines.append(f"removed {lock}: a build lock left {age / 60:.0f} min ago by a build that was killed")
+            else:
+                lines.append(f"{lock} is {age:.0f} s old: another process is building this op; if none is "
+                             f"(a build was just killed) and this run waits, delete the file")
+        except FileNotFoundError:
+            pass  # the build finished meanwhile
+    return lines
 
 
 def shm_buffer_path(rank: int) -> str:

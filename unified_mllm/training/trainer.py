@@ -87,7 +87,7 @@ class StageTrainer:
         if not (path / "meta.json").is_file():
             raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint (no meta.json); "
                                     f"use 'auto', 'never' or a step_XXXXXXXX directory")
-        self.load_state_dict(self.ckpt.load(self.engine, path))
+        self.load_state_dict(self.ckpt.load(self.engine, path, to_dict(self.cfg)))
         return path
 
     def save(self) -> Path:
