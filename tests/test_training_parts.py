@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from unified_mllm.config import ConfigError, load_config
 from unified_mllm.config.stage import StageConfig
 from unified_mllm.training.checkpoint import CheckpointManager, _from_safe, _to_safe
+from unified_mllm.training.distributed import extensions_root
 from unified_mllm.training.ds_config import build_ds_config, zero_stage
 from unified_mllm.training.rng import rng_state, set_rng_state
 from unified_mllm.training.schedule import lr_factor
@@ -105,8 +107,19 @@ def test_single_process_run_leaves_no_shared_memory_behind(tmp_path) -> None:
     env = {**os.environ, "MASTER_PORT": port, "LOCAL_SIZE": "1"}  # LOCAL_SIZE as the launcher sets it
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"):
         env.pop(key, None)
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=tmp_path)
+    # a lock that a killed build left in the extensions root an hour ago: the run clears it before DeepSpeed builds
+    # its op (a lock on the op itself would otherwise hang this run for good; an own name keeps real builds apart)
+    stale = extensions_root() / f"unified_mllm_test_{os.getpid()}" / "lock"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.touch()
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    try:
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                             cwd=tmp_path)
+        assert not stale.exists() and f"removed {stale}" in res.stderr, res.stderr[-3000:]
+    finally:
+        stale.unlink(missing_ok=True)
+        stale.parent.rmdir()
     assert res.returncode == 0, res.stderr[-3000:]
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
     if "shm_op True" not in res.stdout:

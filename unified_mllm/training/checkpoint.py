@@ -122,8 +122,8 @@ class CheckpointManager:
         config = json.loads(json.dumps(config or {}, default=str))  # as meta.json holds it: lists, not tuples
         diffs = [f"{k}: {a!r} → {b!r}" for section in ("model", "train")
                  for k, a, b in _differences(then.get(section, {}), config.get(section, {}), section)]
-        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
-        what = ("; ".join(diffs) + " (checkpoint → this run)") if diffs else f"the model differs ({first[:300]})"
+        detail = next((line.strip() for line in str(error).splitlines()[1:]), str(error))  # torch's first key list
+        what = ("; ".join(diffs) + " (checkpoint → this run)") if diffs else f"the model differs ({detail[:300]})"
         return (f"checkpoint.resume: {path} was written by a run with another model: {what}. Set those back to "
                 f"resume it, or start afresh: another checkpoint.output_dir, or --set checkpoint.resume=never")
 
