@@ -332,3 +332,35 @@ def test_bf16_with_every_loss_trains_and_evaluates(shapeworld: Path, tmp_path: P
     state = torch.load(out / "checkpoints" / "step_00000002" / "trainer_rank0.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in state["ema"].values() if v.is_floating_point())
     assert all(torch.equal(exported[k], state["ema"][k]) for k in exported)
+
+
+
+def test_unreadable_images_are_counted_skips_or_one_error_naming_the_file(shapeworld: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from tokenizer.data import ImageStream, list_images
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for f in list_images(shapeworld / "images" / "train")[:6]:
+        shutil.copy(f, folder / f.name)
+    (folder / "0000003_broken.png").write_bytes(b"not a png")
+    files = list_images(folder)
+    stream = ImageStream(files, 32, 4, seed=1, cache=True)
+    seen = []
+    for k in range(3):  # 18 images drawn over 3 epochs of 7 files: the broken one skipped in each
+        assert next(stream).shape == (4, 3, 32, 32)
+        seen += stream.last_indices
+        if k == 1:
+            saved = stream.state_dict()
+    assert files.index(folder / "0000003_broken.png") not in seen
+    assert stream.stats() == {"unreadable_image": 2}
+    resumed = ImageStream(files, 32, 4, seed=1)
+    resumed.load_state_dict(saved)
+    assert resumed.stats() == {"unreadable_image": 1} and saved["epoch"] == 1
+    assert next(resumed).shape == (4, 3, 32, 32) and resumed.last_indices == seen[8:]
+
+    strict = ImageStream(files, 32, 4, seed=1, on_bad_sample="error")
+    with pytest.raises(ValueError, match="0000003_broken.png: unreadable image.*on_bad_sample: skip"):
+        for _ in range(2):
+            next(strict)

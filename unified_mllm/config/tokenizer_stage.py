@@ -39,8 +39,6 @@ class TokenizerDataConfig:
     """Random-resized-crop (scale 0.9–1, bicubic) as the released training; off keeps whole ShapeWorld scenes."""
     max_images: int | None = None
     """Use at most this many training images (null: all)."""
-    num_workers: int = 1
-    """Data-loader worker processes."""
     cache_images: bool = True
     """Keep each decoded training image in memory (uint8) after its first read, and — with random_crop off and a
     frozen teacher — its teacher embedding too, so later epochs neither decode nor run the teacher again."""
