@@ -334,21 +334,28 @@ def test_bf16_with_every_loss_trains_and_evaluates(shapeworld: Path, tmp_path: P
     assert all(torch.equal(exported[k], state["ema"][k]) for k in exported)
 
 
-
-def test_unreadable_images_are_counted_skips_or_one_error_naming_the_file(shapeworld: Path, tmp_path: Path) -> None:
+def folder_with_a_broken_image(shapeworld: Path, tmp_path: Path) -> Path:
+    """Six ShapeWorld training images and one file that is not an image, ``0000003_broken.png``."""
     import shutil
 
-    from tokenizer.data import ImageStream, list_images
+    from tokenizer.data import list_images
 
     folder = tmp_path / "images"
     folder.mkdir()
     for f in list_images(shapeworld / "images" / "train")[:6]:
         shutil.copy(f, folder / f.name)
     (folder / "0000003_broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def test_unreadable_images_are_counted_skips_or_one_error_naming_the_file(shapeworld: Path, tmp_path: Path) -> None:
+    from tokenizer.data import ImageStream, list_images
+
+    folder = folder_with_a_broken_image(shapeworld, tmp_path)
     files = list_images(folder)
     stream = ImageStream(files, 32, 4, seed=1, cache=True)
     seen = []
-    for k in range(3):  # 18 images drawn over 3 epochs of 7 files: the broken one skipped in each
+    for k in range(3):  # 12 images drawn: two passes over the 6 good files, the broken one skipped in each
         assert next(stream).shape == (4, 3, 32, 32)
         seen += stream.last_indices
         if k == 1:
@@ -364,3 +371,12 @@ def test_unreadable_images_are_counted_skips_or_one_error_naming_the_file(shapew
     with pytest.raises(ValueError, match="0000003_broken.png: unreadable image.*on_bad_sample: skip"):
         for _ in range(2):
             next(strict)
+
+
+def test_the_stage_logs_and_records_a_skipped_training_image(shapeworld: Path, tmp_path: Path) -> None:
+    folder = folder_with_a_broken_image(shapeworld, tmp_path)
+    res = train(tmp_path / "run", shapeworld, 2, f"data.images={folder}", "data.eval_images=null")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "0000003_broken.png" in res.stdout + res.stderr  # the skip is logged with the file's name
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped/unreadable_image"] >= 2  # 16 images drawn from 6 good files: every pass skips it
