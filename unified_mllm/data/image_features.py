@@ -26,6 +26,20 @@ def image_key(ref) -> str:
     return os.path.abspath(ref)  # a relative SHAPEWORLD_DIR/DATA_ROOT finds what an absolute one cached, and back
 
 
+def content_digest(ref) -> str | None:
+    """``sha1:<digest>`` of an image's encoded bytes (read from its file for a path), or None for a file that cannot
+    be read. The pretokenize cache stores it beside each key, so a dataset moved or copied elsewhere still finds its
+    rows by content (and a changed file does not)."""
+    if isinstance(ref, dict):
+        ref = ref.get("bytes") or ref.get("path")
+    if isinstance(ref, (bytes, bytearray)):
+        return "sha1:" + hashlib.sha1(ref).hexdigest()
+    try:
+        return "sha1:" + hashlib.sha1(Path(ref).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def open_image(ref) -> Image.Image:
     try:
         if isinstance(ref, dict):
@@ -42,14 +56,17 @@ def open_image(ref) -> Image.Image:
 class ImageFeatures:
     """``get(ref) -> (semantic (N, D) float, pixel_codes (C, P) long)``.
 
-    The pretokenize cache is read lazily: only its ``key`` column is indexed at start, a row is read from the
-    memory-mapped Arrow table when first asked for. Online results are kept in memory."""
+    The pretokenize cache is read lazily: only its ``key`` (and ``digest``) columns are indexed at start, a row is read
+    from the memory-mapped Arrow table when first asked for. An image whose path is not in the cache is looked up by
+    the digest of its bytes, so a run directory or dataset moved since pretokenizing still reads its cache. Online
+    results are kept in memory."""
 
     def __init__(self, wintok, cache_dir: str | Path | None = None):
         self.wintok = wintok
         self.memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cache = None
         self.rows: dict[str, int] = {}
+        self.digests: dict[str, int] = {}
         if cache_dir is not None and Path(cache_dir).is_dir():
             self._load_cache(Path(cache_dir))
 
@@ -58,19 +75,26 @@ class ImageFeatures:
 
         self.cache = datasets.load_from_disk(str(cache_dir)).with_format("numpy", columns=["semantic", "pixel_codes"])
         self.rows = {key: i for i, key in enumerate(self.cache.data.column("key").to_pylist())}
+        if "digest" in self.cache.column_names:  # caches written before session 16 have none: paths only
+            self.digests = {d: i for i, d in enumerate(self.cache.data.column("digest").to_pylist()) if d}
         log.info("indexed %d pretokenized images in %s", len(self.rows), cache_dir)
 
     def get(self, ref) -> tuple[torch.Tensor, torch.Tensor]:
         key = image_key(ref)
         if key in self.memory:
             return self.memory[key]
+        if key not in self.rows and self.digests and not key.startswith("sha1:"):
+            found = self.digests.get(content_digest(ref))
+            if found is not None:
+                self.rows[key] = found  # moved or copied since pretokenizing: the same bytes, the same row
         if key in self.rows:
             row = self.cache[self.rows[key]]
             return torch.from_numpy(row["semantic"]).float(), torch.from_numpy(row["pixel_codes"]).long()
         if self.wintok is None:
             raise BadSample("not_pretokenized", f"{_short(ref)}: not in the pretokenize cache ({len(self.rows)} images "
                                                 f"indexed) and online tokenization is off; pretokenize this recipe "
-                                                f"with the same data paths, or set online_tokenization: true")
+                                                f"(`python -m unified_mllm.data.pretokenize`), or set "
+                                                f"online_tokenization: true")
         from tokenizer import preprocess
 
         device = next(self.wintok.parameters()).device

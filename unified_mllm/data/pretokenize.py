@@ -3,7 +3,8 @@
     python -m unified_mllm.data.pretokenize --recipe data_recipes/shapeworld_mixed.yaml --wintok runs/quickstart/wintok
 
 Writes ``<root>/<recipe stem>/<wintok hash>/`` (root: the recipe's pretokenize_dir, else runs/pretokenized) with
-columns ``key`` (image path, or ``sha1:`` of encoded image bytes), ``pixel_codes`` (C × P int16) and ``semantic`` (N × D float16). Resumable: finished
+columns ``key`` (image path, or ``sha1:`` of encoded image bytes), ``digest`` (``sha1:`` of the image's bytes, so a
+dataset moved elsewhere still finds its rows), ``pixel_codes`` (C × P int16) and ``semantic`` (N × D float16). Resumable: finished
 shards under ``.shards/`` are kept and skipped; unreadable images are counted and logged, never fatal.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from unified_mllm.config import ConfigError, load_recipe
-from unified_mllm.data.image_features import image_key, open_image
+from unified_mllm.data.image_features import content_digest, image_key, open_image
 from unified_mllm.data.samples import BadSample
 from unified_mllm.data.sources import read_source
 
@@ -48,6 +49,13 @@ def encoded_elsewhere(out: Path) -> dict[str, tuple]:
     return known
 
 
+def with_digests(shard, by_key: dict):
+    """A shard finished by an older version (no ``digest`` column) gets one, so it joins the new shards."""
+    if "digest" in shard.column_names:
+        return shard
+    return shard.add_column("digest", [content_digest(by_key.get(k, k)) for k in shard["key"]])
+
+
 def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | None = None) -> tuple[Path, dict]:
     import datasets
 
@@ -71,13 +79,14 @@ def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | 
         shard_dir = shards / f"{start // SHARD:05d}"
         if shard_dir.is_dir():
             continue
-        rows = {"key": [], "pixel_codes": [], "semantic": []}
+        rows = {"key": [], "digest": [], "pixel_codes": [], "semantic": []}
         part = refs[start:start + SHARD]
         for b in range(0, len(part), batch_size):
-            images, keys = [], []
+            images, keys, digests = [], [], []
             for key in part[b:b + batch_size]:
                 if key in known:
                     rows["key"].append(key)
+                    rows["digest"].append(content_digest(by_key[key]))
                     rows["pixel_codes"].append(known[key][0])
                     rows["semantic"].append(known[key][1])
                     reused += 1
@@ -85,6 +94,7 @@ def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | 
                 try:
                     images.append(open_image(by_key[key]))
                     keys.append(key)
+                    digests.append(content_digest(by_key[key]))
                 except BadSample as e:
                     skipped += 1
                     print(f"skipped: {e}", file=sys.stderr)
@@ -93,14 +103,16 @@ def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | 
             with torch.inference_mode():
                 enc = wintok.encode(preprocess(images, wintok.config.image_size))
             rows["key"] += keys
+            rows["digest"] += digests
             rows["pixel_codes"] += [c.to(torch.int16).numpy() for c in enc.pixel_codes]
             rows["semantic"] += [s.to(torch.float16).numpy() for s in enc.semantic_tokens]
         tmp = shard_dir.with_suffix(".tmp")
         datasets.Dataset.from_dict(rows).save_to_disk(str(tmp))
         tmp.rename(shard_dir)  # a shard exists only once complete
-    parts = [datasets.load_from_disk(str(p)) for p in sorted(shards.iterdir()) if p.suffix != ".tmp"]
+    parts = [with_digests(datasets.load_from_disk(str(p)), by_key) for p in sorted(shards.iterdir())
+             if p.suffix != ".tmp"]
     full = datasets.concatenate_datasets(parts) if parts else datasets.Dataset.from_dict(
-        {"key": [], "pixel_codes": [], "semantic": []})
+        {"key": [], "digest": [], "pixel_codes": [], "semantic": []})
     full.save_to_disk(str(out))
     shutil.rmtree(shards)
     return out, {"images": len(full), "skipped": skipped, "reused": reused, "seconds": round(time.time() - t0, 1),
