@@ -2,30 +2,41 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 from tokenizer import WinTok, WinTokConfig
+from unified_mllm.data.image_features import ImageFeatures
 from unified_mllm.data.pretokenize import pretokenize
+from unified_mllm.data.samples import BadSample
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_recipes_sharing_images_encode_them_once(tmp_path: Path, monkeypatch) -> None:
+def shapeworld_and_wintok(tmp_path: Path, monkeypatch, num: int, num_test: int) -> tuple[Path, WinTok]:
+    """A small ShapeWorld dataset (SHAPEWORLD_DIR points at it, cwd the repository) and a tiny seeded WinTok."""
     data = tmp_path / "sw"
-    subprocess.run([sys.executable, "-m", "unified_mllm.shapeworld", "--out", str(data), "--num", "40", "--num-test",
-                    "4", "--prompts-per-tag", "1", "--resolution", "32", "--workers", "1"],
+    subprocess.run([sys.executable, "-m", "unified_mllm.shapeworld", "--out", str(data), "--num", str(num),
+                    "--num-test", str(num_test), "--prompts-per-tag", "1", "--resolution", "32", "--workers", "1"],
                    check=True, capture_output=True, cwd=ROOT, timeout=120)
     monkeypatch.setenv("SHAPEWORLD_DIR", str(data))
     monkeypatch.chdir(ROOT)
     torch.manual_seed(0)
     wintok = WinTok(WinTokConfig.tiny(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
                                       decoder_num_heads=2, num_semantic_tokens=4, codebook_size=32)).eval()
+    return data, wintok
+
+
+def test_recipes_sharing_images_encode_them_once(tmp_path: Path, monkeypatch) -> None:
+    _, wintok = shapeworld_and_wintok(tmp_path, monkeypatch, 40, 4)
     first, s1 = pretokenize("data_recipes/shapeworld_align.yaml", wintok, 16, str(tmp_path / "cache"))
     second, s2 = pretokenize("data_recipes/shapeworld_mixed.yaml", wintok, 16, str(tmp_path / "cache"))
     assert s1["reused"] == 0 and s1["images"] == 40
@@ -42,25 +53,9 @@ def test_recipes_sharing_images_encode_them_once(tmp_path: Path, monkeypatch) ->
 
 def test_a_moved_dataset_still_reads_its_cache_by_content(tmp_path: Path, monkeypatch) -> None:
     """Pretokenize, then move the dataset: every image is found by the digest of its bytes (the same features as
-    under the old path); a file whose bytes changed is not, and says how to fix it."""
-    import shutil
-
-    import pytest
-
-    from unified_mllm.config import load_recipe
-    from unified_mllm.data.image_features import ImageFeatures
-    from unified_mllm.data.pretokenize import cache_dir_for
-    from unified_mllm.data.samples import BadSample
-
-    data = tmp_path / "sw"
-    subprocess.run([sys.executable, "-m", "unified_mllm.shapeworld", "--out", str(data), "--num", "12", "--num-test",
-                    "2", "--prompts-per-tag", "1", "--resolution", "32", "--workers", "1"],
-                   check=True, capture_output=True, cwd=ROOT, timeout=120)
-    monkeypatch.setenv("SHAPEWORLD_DIR", str(data))
-    monkeypatch.chdir(ROOT)
-    torch.manual_seed(0)
-    wintok = WinTok(WinTokConfig.tiny(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
-                                      decoder_num_heads=2, num_semantic_tokens=4, codebook_size=32)).eval()
+    under the old path); a file whose bytes changed is not, and says how to fix it. A cache written before digests
+    existed still reads its images by path."""
+    data, wintok = shapeworld_and_wintok(tmp_path, monkeypatch, 12, 2)
     cache, stats = pretokenize("data_recipes/shapeworld_align.yaml", wintok, 16, str(tmp_path / "cache"))
     assert stats["images"] == 12
     images = sorted((data / "images" / "train").glob("*.png"))
@@ -69,16 +64,36 @@ def test_a_moved_dataset_still_reads_its_cache_by_content(tmp_path: Path, monkey
 
     moved = tmp_path / "elsewhere" / "sw"
     shutil.move(str(data), str(moved))
-    recipe = load_recipe("data_recipes/shapeworld_align.yaml")
-    recipe.pretokenize_dir = str(tmp_path / "cache")
-    assert cache_dir_for("data_recipes/shapeworld_align.yaml", recipe, wintok.identity_hash()) == cache
     after = ImageFeatures(None, cache)
     for p in sorted((moved / "images" / "train").glob("*.png")):
         sem, codes = after.get(str(p))
         assert torch.equal(sem, want[p.name][0]) and torch.equal(codes, want[p.name][1])
     changed = moved / "images" / "train" / images[0].name
-    from PIL import Image
-
     Image.new("RGB", (32, 32), (1, 2, 3)).save(changed)
     with pytest.raises(BadSample, match="not in the pretokenize cache.*unified_mllm.data.pretokenize"):
         ImageFeatures(None, cache).get(str(changed))
+
+    old = tmp_path / "old_cache"
+    datasets.load_from_disk(str(cache)).remove_columns("digest").save_to_disk(str(old))
+    moved_back = shutil.move(str(moved), str(data))
+    by_path = ImageFeatures(None, old)
+    assert torch.equal(by_path.get(str(images[1]))[1], want[images[1].name][1])
+    shutil.move(moved_back, str(moved))
+    with pytest.raises(BadSample, match="not in the pretokenize cache"):
+        ImageFeatures(None, old).get(str(moved / "images" / "train" / images[1].name))
+
+
+def test_a_shard_from_before_digests_gets_them_when_joined(tmp_path: Path) -> None:
+    """An interrupted pretokenize resumed by this version: its finished shards (no digest column) join the new ones."""
+    from unified_mllm.data.image_features import content_digest
+    from unified_mllm.data.pretokenize import with_digests
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(path)
+    raw = path.read_bytes()
+    old = datasets.Dataset.from_dict({"key": [str(path), content_digest(raw)], "pixel_codes": [[1], [2]],
+                                      "semantic": [[0.5], [0.25]]})
+    joined = with_digests(old, {str(path): str(path), content_digest(raw): raw})
+    assert joined["digest"] == [content_digest(raw)] * 2
+    new = datasets.Dataset.from_dict({"key": ["k"], "digest": ["sha1:x"], "pixel_codes": [[3]], "semantic": [[1.0]]})
+    assert len(datasets.concatenate_datasets([joined, new])) == 3

@@ -75,7 +75,7 @@ class ImageFeatures:
 
         self.cache = datasets.load_from_disk(str(cache_dir)).with_format("numpy", columns=["semantic", "pixel_codes"])
         self.rows = {key: i for i, key in enumerate(self.cache.data.column("key").to_pylist())}
-        if "digest" in self.cache.column_names:  # caches written before session 16 have none: paths only
+        if "digest" in self.cache.column_names:  # older caches have none: they are read by path only
             self.digests = {d: i for i, d in enumerate(self.cache.data.column("digest").to_pylist()) if d}
         log.info("indexed %d pretokenized images in %s", len(self.rows), cache_dir)
 
