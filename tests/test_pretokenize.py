@@ -49,18 +49,22 @@ def test_recipes_sharing_images_encode_them_once(tmp_path: Path, monkeypatch) ->
     assert (a["key"][order_a] == b["key"][order_b]).all()
     assert np.array_equal(a["pixel_codes"][order_a], b["pixel_codes"][order_b])
     assert np.array_equal(a["semantic"][order_a], b["semantic"][order_b])
+    assert (a["digest"][order_a] == b["digest"][order_b]).all()  # a reused row carries its image's digest too
 
 
 def test_a_moved_dataset_still_reads_its_cache_by_content(tmp_path: Path, monkeypatch) -> None:
     """Pretokenize, then move the dataset: every image is found by the digest of its bytes (the same features as
     under the old path); a file whose bytes changed is not, and says how to fix it. A cache written before digests
-    existed still reads its images by path."""
+    existed reads its images by path only."""
     data, wintok = shapeworld_and_wintok(tmp_path, monkeypatch, 12, 2)
     cache, stats = pretokenize("data_recipes/shapeworld_align.yaml", wintok, 16, str(tmp_path / "cache"))
     assert stats["images"] == 12
     images = sorted((data / "images" / "train").glob("*.png"))
     before = ImageFeatures(None, cache)
     want = {p.name: before.get(str(p)) for p in images}
+    old = tmp_path / "old_cache"
+    datasets.load_from_disk(str(cache)).remove_columns("digest").save_to_disk(str(old))
+    assert torch.equal(ImageFeatures(None, old).get(str(images[1]))[1], want[images[1].name][1])
 
     moved = tmp_path / "elsewhere" / "sw"
     shutil.move(str(data), str(moved))
@@ -72,28 +76,26 @@ def test_a_moved_dataset_still_reads_its_cache_by_content(tmp_path: Path, monkey
     Image.new("RGB", (32, 32), (1, 2, 3)).save(changed)
     with pytest.raises(BadSample, match="not in the pretokenize cache.*unified_mllm.data.pretokenize"):
         ImageFeatures(None, cache).get(str(changed))
-
-    old = tmp_path / "old_cache"
-    datasets.load_from_disk(str(cache)).remove_columns("digest").save_to_disk(str(old))
-    moved_back = shutil.move(str(moved), str(data))
-    by_path = ImageFeatures(None, old)
-    assert torch.equal(by_path.get(str(images[1]))[1], want[images[1].name][1])
-    shutil.move(moved_back, str(moved))
     with pytest.raises(BadSample, match="not in the pretokenize cache"):
         ImageFeatures(None, old).get(str(moved / "images" / "train" / images[1].name))
 
 
-def test_a_shard_from_before_digests_gets_them_when_joined(tmp_path: Path) -> None:
-    """An interrupted pretokenize resumed by this version: its finished shards (no digest column) join the new ones."""
-    from unified_mllm.data.image_features import content_digest
-    from unified_mllm.data.pretokenize import with_digests
+def test_a_pretokenize_interrupted_before_digests_resumes(tmp_path: Path, monkeypatch) -> None:
+    """A run of an older version stopped after its first shard (no digest column); this version keeps that shard,
+    encodes the rest and joins them: the same cache as one uninterrupted run, digests included."""
+    import unified_mllm.data.pretokenize as pt
 
-    path = tmp_path / "a.png"
-    Image.new("RGB", (8, 8), (9, 9, 9)).save(path)
-    raw = path.read_bytes()
-    old = datasets.Dataset.from_dict({"key": [str(path), content_digest(raw)], "pixel_codes": [[1], [2]],
-                                      "semantic": [[0.5], [0.25]]})
-    joined = with_digests(old, {str(path): str(path), content_digest(raw): raw})
-    assert joined["digest"] == [content_digest(raw)] * 2
-    new = datasets.Dataset.from_dict({"key": ["k"], "digest": ["sha1:x"], "pixel_codes": [[3]], "semantic": [[1.0]]})
-    assert len(datasets.concatenate_datasets([joined, new])) == 3
+    _, wintok = shapeworld_and_wintok(tmp_path, monkeypatch, 12, 2)
+    monkeypatch.setattr(pt, "SHARD", 8)
+    whole, _ = pretokenize("data_recipes/shapeworld_align.yaml", wintok, 16, str(tmp_path / "whole"))
+    full = datasets.load_from_disk(str(whole))
+    resumed_out = tmp_path / "resumed" / whole.relative_to(tmp_path / "whole")
+    first = resumed_out.parent / (resumed_out.name + ".shards") / "00000"
+    full.select(range(8)).remove_columns("digest").save_to_disk(str(first))
+    encoded, encode = [], wintok.encode
+    monkeypatch.setattr(wintok, "encode", lambda x: encoded.append(len(x)) or encode(x))
+    resumed, stats = pretokenize("data_recipes/shapeworld_align.yaml", wintok, 16, str(tmp_path / "resumed"))
+    assert resumed == resumed_out and stats["images"] == 12 and sum(encoded) == 4  # the old shard was kept
+    again = datasets.load_from_disk(str(resumed))
+    assert again["key"] == full["key"] and again["digest"] == full["digest"]
+    assert np.array_equal(np.array(again["pixel_codes"]), np.array(full["pixel_codes"]))

@@ -16,41 +16,63 @@ from unified_mllm.data.samples import BadSample
 log = logging.getLogger(__name__)
 
 
+def _unwrap(ref):
+    """A ``datasets`` Image cell ({bytes, path}) → its bytes or path; anything else unchanged."""
+    return (ref.get("bytes") or ref.get("path")) if isinstance(ref, dict) else ref
+
+
+def _sha1(data: bytes) -> str:
+    return "sha1:" + hashlib.sha1(data).hexdigest()
+
+
 def image_key(ref) -> str:
-    """The pretokenize-cache key of an image: its absolute path (symlinks kept), or ``sha1:<digest>`` of encoded bytes (the same in every
-    process, unlike ``hash``)."""
-    if isinstance(ref, dict):
-        ref = ref.get("bytes") or ref.get("path")
+    """The pretokenize-cache key of an image: its absolute path (symlinks kept), or ``sha1:<digest>`` of encoded
+    bytes (the same in every process, unlike ``hash``)."""
+    ref = _unwrap(ref)
     if isinstance(ref, (bytes, bytearray)):
-        return "sha1:" + hashlib.sha1(ref).hexdigest()
+        return _sha1(ref)
     return os.path.abspath(ref)  # a relative SHAPEWORLD_DIR/DATA_ROOT finds what an absolute one cached, and back
 
 
-def content_digest(ref) -> str | None:
-    """``sha1:<digest>`` of an image's encoded bytes (read from its file for a path), or None for a file that cannot
-    be read. The pretokenize cache stores it beside each key, so a dataset moved or copied elsewhere still finds its
-    rows by content (and a changed file does not)."""
-    if isinstance(ref, dict):
-        ref = ref.get("bytes") or ref.get("path")
+def _read(ref) -> bytes:
+    ref = _unwrap(ref)
     if isinstance(ref, (bytes, bytearray)):
-        return "sha1:" + hashlib.sha1(ref).hexdigest()
+        return bytes(ref)
     try:
-        return "sha1:" + hashlib.sha1(Path(ref).read_bytes()).hexdigest()
-    except OSError:
-        return None
+        return Path(ref).read_bytes()
+    except FileNotFoundError:
+        raise BadSample("missing_image", f"{ref}: image file not found") from None
+    except OSError as e:
+        raise BadSample("corrupt_image", f"{ref}: unreadable image ({e})") from None
+
+
+def _decode(data: bytes, ref) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise BadSample("corrupt_image", f"{_short(ref)}: unreadable image ({e})") from None
 
 
 def open_image(ref) -> Image.Image:
+    return _decode(_read(ref), ref)
+
+
+def read_image(ref) -> tuple[Image.Image, str]:
+    """The image and the ``sha1:`` digest of its encoded bytes, from one read of its file."""
+    data = _read(ref)
+    return _decode(data, ref), _sha1(data)
+
+
+def content_digest(ref) -> str | None:
+    """``sha1:<digest>`` of an image's encoded bytes, or None when they cannot be read. The pretokenize cache stores
+    it beside each key, so a dataset moved or copied elsewhere still finds its rows by content (and a changed file
+    does not)."""
     try:
-        if isinstance(ref, dict):
-            ref = ref.get("bytes") or ref.get("path")
-        img = Image.open(io.BytesIO(ref)) if isinstance(ref, bytes) else Image.open(ref)
-        img.load()
-        return img.convert("RGB")
-    except FileNotFoundError:
-        raise BadSample("missing_image", f"{_short(ref)}: image file not found") from None
-    except (OSError, UnidentifiedImageError) as e:
-        raise BadSample("corrupt_image", f"{_short(ref)}: unreadable image ({e})") from None
+        return _sha1(_read(ref))
+    except BadSample:
+        return None
 
 
 class ImageFeatures:
@@ -67,6 +89,7 @@ class ImageFeatures:
         self.cache = None
         self.rows: dict[str, int] = {}
         self.digests: dict[str, int] = {}
+        self.unmatched: set[str] = set()  # paths whose bytes are not in the cache either: read once, not each epoch
         if cache_dir is not None and Path(cache_dir).is_dir():
             self._load_cache(Path(cache_dir))
 
@@ -83,12 +106,16 @@ class ImageFeatures:
         key = image_key(ref)
         if key in self.memory:
             return self.memory[key]
-        if key not in self.rows and self.digests and not key.startswith("sha1:"):
-            found = self.digests.get(content_digest(ref))
-            if found is not None:
-                self.rows[key] = found  # moved or copied since pretokenizing: the same bytes, the same row
-        if key in self.rows:
-            row = self.cache[self.rows[key]]
+        i = self.rows.get(key)
+        if i is None and self.digests and key not in self.unmatched:
+            # a path not in the cache (a key of bytes is already their digest): moved or copied since pretokenizing?
+            i = self.digests.get(content_digest(ref))
+            if i is None:
+                self.unmatched.add(key)
+            else:
+                self.rows[key] = i
+        if i is not None:
+            row = self.cache[i]
             return torch.from_numpy(row["semantic"]).float(), torch.from_numpy(row["pixel_codes"]).long()
         if self.wintok is None:
             raise BadSample("not_pretokenized", f"{_short(ref)}: not in the pretokenize cache ({len(self.rows)} images "
@@ -106,4 +133,5 @@ class ImageFeatures:
 
 
 def _short(ref) -> str:
-    return image_key(ref) if isinstance(ref, (bytes, bytearray, dict)) else str(ref)
+    ref = _unwrap(ref)
+    return image_key(ref) if isinstance(ref, (bytes, bytearray)) else str(ref)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from unified_mllm.config import ConfigError, load_recipe
-from unified_mllm.data.image_features import content_digest, image_key, open_image
+from unified_mllm.data.image_features import content_digest, image_key, read_image
 from unified_mllm.data.samples import BadSample
 from unified_mllm.data.sources import read_source
 
@@ -36,7 +36,8 @@ def cache_dir_for(recipe_path: str, recipe, wintok_hash: str) -> Path:
 
 def encoded_elsewhere(out: Path) -> dict[str, tuple]:
     """Features of images already in another recipe's finished cache for the same WinTok (same root and hash):
-    key → (pixel_codes, semantic). Recipes that share images (the ShapeWorld ones all do) encode them once."""
+    key → (digest or None for a cache from before digests, pixel_codes, semantic). Recipes that share images (the
+    ShapeWorld ones all do) encode them once."""
     import datasets
 
     known: dict[str, tuple] = {}
@@ -44,8 +45,9 @@ def encoded_elsewhere(out: Path) -> dict[str, tuple]:
         if other == out or not (other / "dataset_info.json").is_file():
             continue
         ds = datasets.load_from_disk(str(other)).with_format("numpy")
-        for key, codes, sem in zip(ds["key"], ds["pixel_codes"], ds["semantic"]):
-            known.setdefault(str(key), (codes, sem))
+        digests = ds["digest"] if "digest" in ds.column_names else [None] * len(ds)
+        for key, digest, codes, sem in zip(ds["key"], digests, ds["pixel_codes"], ds["semantic"]):
+            known.setdefault(str(key), (digest and str(digest), codes, sem))
     return known
 
 
@@ -85,16 +87,18 @@ def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | 
             images, keys, digests = [], [], []
             for key in part[b:b + batch_size]:
                 if key in known:
+                    digest, codes, sem = known[key]
                     rows["key"].append(key)
-                    rows["digest"].append(content_digest(by_key[key]))
-                    rows["pixel_codes"].append(known[key][0])
-                    rows["semantic"].append(known[key][1])
+                    rows["digest"].append(digest or content_digest(by_key[key]))
+                    rows["pixel_codes"].append(codes)
+                    rows["semantic"].append(sem)
                     reused += 1
                     continue
                 try:
-                    images.append(open_image(by_key[key]))
+                    image, digest = read_image(by_key[key])
+                    images.append(image)
                     keys.append(key)
-                    digests.append(content_digest(by_key[key]))
+                    digests.append(digest)
                 except BadSample as e:
                     skipped += 1
                     print(f"skipped: {e}", file=sys.stderr)
