@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -170,9 +171,9 @@ def test_semantic_align_trains_in_the_mixed_stage_and_stays_out_of_the_export(wo
     assert "checkpoint.resume=never" in res.stderr and "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_two_processes_under_the_deepspeed_launcher(world: dict, tmp_path: Path, zero: str) -> None:
-    port = str(29500 + (os.getpid() % 1000) + (zero == "zero3"))
+@pytest.mark.parametrize(("zero", "optimizer"), [("zero2", "adamw"), ("zero3", "adamw"), ("zero3", "muon")])
+def test_two_processes_under_the_deepspeed_launcher(world: dict, tmp_path: Path, zero: str, optimizer: str) -> None:
+    port = str(29500 + (os.getpid() % 1000) + 2 * (zero == "zero3") + (optimizer == "muon"))
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", port]
     out = tmp_path / zero
     ds_config = ROOT / "stage_configs" / "deepspeed" / f"{zero}.json"
@@ -184,10 +185,11 @@ def test_two_processes_under_the_deepspeed_launcher(world: dict, tmp_path: Path,
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         ds_config = tmp_path / "zero3_partition_all.json"
         ds_config.write_text(json.dumps(cfg))
-    res = run(stage_cmd(world, "mixed", out, 6, f"deepspeed.config={ds_config}", launcher=launcher), world,
-              timeout=300)
+    res = run(stage_cmd(world, "mixed", out, 6, f"deepspeed.config={ds_config}", f"optim.optimizer={optimizer}",
+                        launcher=launcher), world, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
+    assert optimizer != "muon" or "MuonWithAuxAdam" in res.stdout + res.stderr
     meta = json.loads(next((out / "checkpoints").glob("step_*/meta.json")).read_text())
     assert meta["world_size"] == 2
     assert (out / "export" / "model.safetensors").is_file()
@@ -275,3 +277,25 @@ def test_zero3_with_cpu_offload_learns_like_zero2_and_exports(world: dict, tmp_p
     reference_model, _ = load_pretrained(tmp_path / "zero2" / "export")
     for (name, p), (_, q) in zip(model.state_dict().items(), reference_model.state_dict().items()):
         assert torch.allclose(p, q, atol=1e-4), name
+
+
+def test_muon_trains_and_resumes_to_the_uninterrupted_losses(world: dict, tmp_path: Path) -> None:
+    """optim.optimizer muon under ZeRO-2: both learning rates follow the schedule in the log, and a resume from the
+    step-2 checkpoint (Muon's momentum and AdamW's moments restored) gives the uninterrupted run's steps 3 and 4."""
+    full = tmp_path / "full"
+    res = run(stage_cmd(world, "mixed", full, 4, "optim.optimizer=muon", "optim.lr=1e-3", "optim.muon_lr=0.02"), world)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "MuonWithAuxAdam" in res.stdout + res.stderr
+    reference = losses(full)
+    records = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["muon_lr"] == pytest.approx(20 * r["lr"]) and r["lr"] > 0 for r in records)
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step_00000004")
+    resumed = run(stage_cmd(world, "mixed", part, 4, "optim.optimizer=muon", "optim.lr=1e-3", "optim.muon_lr=0.02"),
+                  world)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    got = losses(part)
+    for step in (3, 4):
+        assert got[step] == pytest.approx(reference[step], abs=1e-6), (step, got[step], reference[step])

@@ -146,3 +146,75 @@ def test_a_killed_builds_lock_is_removed_and_a_recent_one_named(tmp_path) -> Non
     assert len(lines) == 2 and any(f"removed {stale}" in x for x in lines)
     assert any(str(recent) in x and "delete the file" in x for x in lines)
     assert clear_stale_build_locks(tmp_path / "absent") == []
+
+
+MUON_STEP = """
+import json
+import torch
+from torch import nn
+import deepspeed
+from unified_mllm.config import load_config
+from unified_mllm.config.stage import StageConfig
+from unified_mllm.training.distributed import finish, init_distributed
+from unified_mllm.training.ds_config import build_ds_config
+from unified_mllm.training.optimizer import build_optimizer, current_lrs
+
+init_distributed()
+torch.manual_seed(0)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        self.hidden = nn.Linear(16, 32)
+        self.norm = nn.LayerNorm(32)
+        self.lm_head = nn.Linear(32, 10)
+
+    def forward(self, tokens, feats):
+        return self.lm_head(self.norm(torch.relu(self.hidden(self.embed(tokens) + feats))))
+
+
+model = Tiny()
+before = {n: p.detach().clone() for n, p in model.named_parameters()}
+cfg = load_config(StageConfig, {"optim": {"optimizer": "muon", "lr": 1e-3, "muon_lr": 0.02, "warmup_ratio": 0.0,
+                                          "max_steps": 10, "micro_batch_size": 4, "grad_clip": 1.0}})
+engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
+                                  config=build_ds_config(cfg.deepspeed, cfg.optim, 1))
+tokens, feats = torch.randint(0, 10, (4, 8)), torch.randn(4, 8, 16)
+engine.backward(nn.functional.cross_entropy(engine(tokens, feats).flatten(0, 1), tokens.flatten()))
+engine.step()
+after = {n: p.detach() for n, p in model.named_parameters()}
+step = (after["hidden.weight"] - before["hidden.weight"]) / 0.02 / 2 ** 0.5  # Muon scales 32 x 16 by sqrt(32 / 16)
+used = tokens.unique()
+print("RESULT", json.dumps({
+    "inner": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
+    "singular_values": torch.linalg.svdvals(step).tolist(), "lrs": current_lrs(engine.optimizer),
+    "embed_step": (after["embed.weight"] - before["embed.weight"])[used].abs().mean().item(),
+    "head_step": (after["lm_head.weight"] - before["lm_head.weight"]).abs().mean().item()}))
+finish(0)
+"""
+
+
+def test_muon_under_zero2_steps_hidden_matrices_orthogonally_and_tables_with_adamw(tmp_path) -> None:
+    """The hidden layer's first update is an orthogonalised matrix of Muon's size (all singular values near 1, even
+    with optim.grad_clip set: ZeRO would otherwise clip it to a fraction), while the embedding and the LM head take
+    AdamW's first step (lr per element)."""
+    env = {**os.environ, "MASTER_PORT": str(21000 + os.getpid() % 10000)}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        env.pop(key, None)
+    res = subprocess.run([sys.executable, "-c", MUON_STEP], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.split("RESULT", 1)[1])
+    assert got["inner"] == "MuonWithAuxAdam"
+    assert all(0.5 < s < 1.5 for s in got["singular_values"]), got["singular_values"]
+    assert got["lrs"] == {"lr": pytest.approx(1e-3), "muon_lr": pytest.approx(0.02)}
+    assert got["embed_step"] == pytest.approx(1e-3, rel=0.01) and got["head_step"] == pytest.approx(1e-3, rel=0.01)
+
+
+def test_muon_with_optimizer_offload_is_refused_naming_the_field() -> None:
+    cfg = load_config(StageConfig, {"optim": {"optimizer": "muon"},
+                                    "deepspeed": {"config": "stage_configs/deepspeed/zero3_offload.json"}})
+    with pytest.raises(ValueError, match="optim.optimizer: muon runs without ZeRO-Offload"):
+        build_ds_config(cfg.deepspeed, cfg.optim, 1)

@@ -31,6 +31,7 @@ from unified_mllm.training.ds_config import (
 )
 from unified_mllm.training.freeze import param_groups
 from unified_mllm.training.metrics import MetricsLogger
+from unified_mllm.training.optimizer import build_optimizer, current_lrs
 from unified_mllm.training.rng import rng_state, seed_everything, set_rng_state
 from unified_mllm.training.schedule import build_scheduler
 
@@ -144,12 +145,12 @@ class TokenizerTrainer:
         import deepspeed
 
         optim = self.cfg.optim
-        groups = param_groups(self.model, optim.weight_decay)
         if uses_config_optimizer(self.ds_config):
+            groups = param_groups(self.model, optim.weight_decay)
             engine, *_ = deepspeed.initialize(model=self.model, model_parameters=groups, config=self.ds_config,
                                               lr_scheduler=lambda opt: build_scheduler(opt, optim))
         else:
-            optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+            optimizer = build_optimizer(self.model, optim)
             engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=self.ds_config,
                                               lr_scheduler=build_scheduler(optimizer, optim))
         return engine
@@ -297,7 +298,7 @@ class TokenizerTrainer:
             images_seen += cfg.optim.micro_batch_size * cfg.optim.grad_accum
             if self.step % cfg.logging.log_every == 0 or self.step == cfg.optim.max_steps:
                 dt = max(time.time() - t0, 1e-9)
-                record = {**metrics, "lr": self.engine.get_lr()[0],
+                record = {**metrics, **current_lrs(self.engine.optimizer),
                           "images_per_s": all_reduce_sum(images_seen) / dt,
                           **{f"skipped/{k}": v for k, v in self.stream.stats().items()}}
                 self.logger.log(self.step, record)

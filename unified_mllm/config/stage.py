@@ -161,8 +161,17 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw: AdamW on every parameter. muon: Muon (momentum orthogonalised by Newton–Schulz; DeepSpeed's
+    MuonWithAuxAdam, ZeRO-1/2/3) on the weight matrices of linear layers, AdamW at ``lr`` on the rest (embeddings,
+    the output head, convolutions, norms, biases, codebooks)."""
     lr: float = 2e-5
-    """Peak learning rate."""
+    """Peak learning rate (of AdamW; with optimizer muon, of the parameters Muon does not take)."""
+    muon_lr: float = 0.02
+    """Optimizer muon: peak learning rate of the Muon half, in spectral norm per update (the schedule scales it as
+    it scales lr)."""
+    muon_momentum: float = 0.95
+    """Optimizer muon: momentum of the Muon half (Nesterov)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -174,7 +183,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     """Cosine decay floor as a fraction of lr."""
     grad_clip: float = 1.0
-    """Gradient-norm clipping (0 disables)."""
+    """Gradient-norm clipping (0 disables; not applied with optimizer muon, whose updates have a fixed size)."""
     max_steps: int = 1000
     """Optimizer steps in the stage."""
     micro_batch_size: int = 4
@@ -198,7 +207,10 @@ class OptimConfig:
     (NOTES.md, session 11), so the preset leaves it unset."""
 
     def __post_init__(self) -> None:
+        check(self.optimizer in ("adamw", "muon"), "optimizer", f"must be adamw or muon, got {self.optimizer!r}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.muon_lr > 0, "muon_lr", f"must be > 0, got {self.muon_lr}")
+        check(0.0 <= self.muon_momentum < 1.0, "muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
         check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         check(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
         check(self.micro_batch_size > 0, "micro_batch_size", f"must be > 0, got {self.micro_batch_size}")

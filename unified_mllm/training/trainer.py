@@ -22,6 +22,7 @@ from unified_mllm.training.ds_config import (
 )
 from unified_mllm.training.freeze import apply_trainables, param_groups
 from unified_mllm.training.metrics import LogWindow, MetricsLogger
+from unified_mllm.training.optimizer import build_optimizer, current_lrs
 from unified_mllm.training.rng import rng_state, seed_everything, set_rng_state
 from unified_mllm.training.schedule import build_scheduler
 
@@ -56,13 +57,12 @@ class StageTrainer:
         import deepspeed
 
         optim = self.cfg.optim
-        groups = param_groups(self.model, optim.weight_decay)
         if uses_config_optimizer(self.ds_config):  # ZeRO-Offload: DeepSpeed builds DeepSpeedCPUAdam itself
             engine, optimizer, _, _ = deepspeed.initialize(
-                model=self.model, model_parameters=groups, config=self.ds_config,
+                model=self.model, model_parameters=param_groups(self.model, optim.weight_decay), config=self.ds_config,
                 lr_scheduler=lambda opt: build_scheduler(opt, optim))
         else:
-            optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+            optimizer = build_optimizer(self.model, optim)
             engine, optimizer, _, _ = deepspeed.initialize(
                 model=self.model, optimizer=optimizer, config=self.ds_config,
                 lr_scheduler=build_scheduler(optimizer, optim))
@@ -164,7 +164,7 @@ class StageTrainer:
                 metrics = self.train_step(data_iter)
                 window.add(metrics, time.time() - step_start)
                 if self.step % cfg.logging.log_every == 0 or self.step == cfg.optim.max_steps:
-                    record = {**window.record(all_reduce_sum), "lr": self.engine.get_lr()[0]}
+                    record = {**window.record(all_reduce_sum), **current_lrs(self.engine.optimizer)}
                     record.update({f"skipped/{k}": v for k, v in self.loader.stats().items()})
                     self.logger.log(self.step, record)
                     self.logger.progress(self.step, {"loss": record["loss"], "tok/s": round(record["tokens_per_s"])})
