@@ -49,18 +49,18 @@ def build_ds_config(section: DeepSpeedSection, optim: OptimConfig, world_size: i
     cfg["train_batch_size"] = (cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"]
                                * world_size)
     cfg["gradient_clipping"] = _fill(cfg.get("gradient_clipping", "auto"), optim.grad_clip)
+    precision = resolve_precision(section)
+    cfg["bf16"] = {"enabled": precision == "bf16"}
+    cfg.pop("fp16", None)
+    zero = cfg.setdefault("zero_optimization", {"stage": 0})
     if optim.optimizer == "muon":
         # ZeRO clips after Muon has written its orthogonalised update into the gradient, so a clip would shrink every
         # Muon step by the update's norm (~1/40 on the ShapeWorld WinTok) — measured, NOTES.md session 17. Muon's
         # update has a fixed size by construction and AdamW's is normalised, so the run goes unclipped.
         cfg["gradient_clipping"] = 0.0
-        if int(cfg.get("zero_optimization", {}).get("stage", 0)) == 3:
+        if zero_stage(cfg) == 3:
             # DeepSpeed's ZeRO-3 refuses Muon with reduce-scatter ("Muon and reduce scatter cannot be used together")
-            cfg["zero_optimization"]["reduce_scatter"] = False
-    precision = resolve_precision(section)
-    cfg["bf16"] = {"enabled": precision == "bf16"}
-    cfg.pop("fp16", None)
-    zero = cfg.setdefault("zero_optimization", {"stage": 0})
+            zero["reduce_scatter"] = False
     offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     if offload and optim.optimizer != "adamw":
         raise ValueError(f"optim.optimizer: {optim.optimizer} runs without ZeRO-Offload; {section.config} offloads the "
