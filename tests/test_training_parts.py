@@ -213,6 +213,29 @@ def test_muon_under_zero2_steps_hidden_matrices_orthogonally_and_tables_with_ada
     assert got["embed_step"] == pytest.approx(1e-3, rel=0.01) and got["head_step"] == pytest.approx(1e-3, rel=0.01)
 
 
+@pytest.mark.parametrize("shape", [(64, 64), (48, 64), (32, 96), (192, 48)])
+def test_cpu_muon_update_is_deepspeeds_update(shape) -> None:
+    """The CPU Muon update (fused fp32 Newton–Schulz, on X or on its Gram matrix by shape) gives DeepSpeed's own update
+    and momentum for square, squarish, wide and tall matrices; a non-finite gradient leaves the momentum as it was."""
+    from deepspeed.runtime.zero.muon import original_muon
+
+    from unified_mllm.training.optimizer import _newton_schulz_for_cpu
+
+    _newton_schulz_for_cpu()
+    fast, reference = original_muon.muon_update, original_muon.muon_update.reference
+    gen = torch.Generator().manual_seed(0)
+    grad, momentum = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    mom_fast, mom_ref = momentum.clone(), momentum.clone()
+    got, want = fast(grad.clone(), mom_fast), reference(grad.clone(), mom_ref)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(mom_fast, mom_ref)
+    assert 0.5 < torch.linalg.svdvals(got / max(1.0, shape[0] / shape[1]) ** 0.5).min() < 1.5
+    bad = grad.clone()
+    bad[0, 0] = float("nan")
+    fast(bad, mom_fast)
+    torch.testing.assert_close(mom_fast, mom_ref)
+
+
 def test_muon_with_optimizer_offload_is_refused_naming_the_field() -> None:
     cfg = load_config(StageConfig, {"optim": {"optimizer": "muon"},
                                     "deepspeed": {"config": "stage_configs/deepspeed/zero3_offload.json"}})

@@ -8,6 +8,8 @@ all Muon or all AdamW, and ZeRO orthogonalises a Muon group's gradient per param
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -68,15 +70,79 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimiz
 
 
 def _newton_schulz_for_cpu() -> None:
-    """Two settings of DeepSpeed's Muon that cost a CPU run its time (NOTES.md, session 17): it torch.compiles the
-    Newton–Schulz step (60 s of compiling at the start of a 5-minute WinTok run, for a step no faster than eager), and
-    it runs the iteration in fp16 or bf16 whenever the accelerator reports support — which DeepSpeed's CPU
-    accelerator does, while half-precision matmuls on a CPU are slower than fp32 (the ShapeWorld WinTok's 39 matrices:
-    65 ms a step in fp16, 30 ms in fp32). On CPU the step runs eagerly and in fp32."""
+    """Settings of DeepSpeed's Muon that cost a CPU run its time (NOTES.md, sessions 17–18): it torch.compiles the
+    Newton–Schulz step (60 s of compiling at the start of a 5-minute WinTok run, for a step no faster than eager), it
+    runs the iteration in fp16 or bf16 whenever the accelerator reports support — which DeepSpeed's CPU accelerator
+    does, while half-precision matmuls on a CPU are slower than fp32 (the ShapeWorld WinTok's 39 matrices: 65 ms a
+    step in fp16, 30 ms in fp32) — and its update spends more of a small matrix's time in element-wise passes than in
+    the iteration. On CPU the step runs eagerly, in fp32, through :func:`muon_update_fp32`."""
     from deepspeed.runtime.zero.muon import original_muon
 
     torch.compiler.set_stance("force_eager")
     original_muon.ns_compute_dtype = lambda ns_method="gram": torch.float32
+    if not getattr(original_muon.muon_update, "_umllm_fp32", False):
+        reference = original_muon.muon_update
+
+        def update(grad, momentum, beta=0.95, ns_steps=5, nesterov=True, ns_method="gram", is_expert_group=False,
+                   num_heads=None):
+            if num_heads is not None or is_expert_group or grad.dtype != torch.float32:
+                return reference(grad, momentum, beta, ns_steps, nesterov, ns_method, is_expert_group, num_heads)
+            return muon_update_fp32(grad, momentum, beta, ns_steps, nesterov)
+
+        update._umllm_fp32, update.reference = True, reference
+        original_muon.muon_update = update  # ZeRO-1/2/3 import it from the module at each step
+
+
+_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic iteration, as DeepSpeed's
+
+
+def newton_schulz_fp32(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Muon's quintic Newton–Schulz orthogonalisation of a matrix, in fp32, with fused matmuls: what DeepSpeed's
+    standard and Gram iterations compute, in fewer passes over memory. A matrix at least twice as wide as tall (after
+    turning a tall one) iterates on its Gram matrix R = X·Xᵀ, restarting from X at iteration 2 as DeepSpeed does; a
+    squarer one iterates on X itself, which is cheaper there (NOTES.md, session 18)."""
+    a, b, c = _NS_COEFFICIENTS
+    tall = g.size(-2) > g.size(-1)
+    x = g.mT if tall else g
+    x = x / (torch.linalg.vector_norm(x) + 1e-7)
+    if x.size(-1) < 2 * x.size(-2):
+        for _ in range(steps):
+            gram = x @ x.mT
+            poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b·A + c·A²
+            x = torch.addmm(x, poly, x, beta=a)  # a·X + (b·A + c·A²)·X
+        return x.mT if tall else x
+    gram, q = x @ x.mT, None  # X_k = Q·X, R = X_k·X_kᵀ
+    for i in range(steps):
+        if i == 2:  # DeepSpeed's restart: fold Q into X
+            x, q = q @ x, None
+            gram = x @ x.mT
+        z = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b·R + c·R²
+        if q is None:
+            q = z.clone()
+            q.diagonal().add_(a)
+        else:
+            q = torch.addmm(q, z, q, beta=a)
+        if i < steps - 1 and i != 1:
+            rz = torch.addmm(gram, z, gram, beta=a)  # (a + Z)·R, then (a + Z)²·R
+            gram = torch.addmm(rz, z, rz, beta=a)
+    x = q @ x
+    return x.mT if tall else x
+
+
+def muon_update_fp32(grad: torch.Tensor, momentum: torch.Tensor, beta: float = 0.95, ns_steps: int = 5,
+                     nesterov: bool = True) -> torch.Tensor:
+    """DeepSpeed's ``muon_update`` for an fp32 matrix (or a conv filter viewed as one): the momentum and the Nesterov
+    blend in place, then the orthogonalised update scaled by sqrt(rows / cols) for a tall matrix. A non-finite gradient
+    leaves the momentum untouched and comes back as it is, so the step that produced it is still seen as one."""
+    if not bool(torch.isfinite(grad).all()):
+        return grad
+    momentum.lerp_(grad, 1 - beta)
+    update = grad.lerp_(momentum, beta) if nesterov else momentum
+    rows, cols = grad.size(-2), grad.size(-1)
+    out = newton_schulz_fp32(update.view(len(update), -1) if update.ndim == 4 else update, ns_steps)
+    if rows > cols:
+        out.mul_(math.sqrt(rows / cols))
+    return out
 
 
 def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
