@@ -23,12 +23,20 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 
+# DeepSpeed compiles its CPU all-reduce op at a process's first initialisation (35-60 s); build it here, at
+# installation, so the first training stage does not (a no-op when it is built; nothing on CUDA machines).
+build_cpu_ops() {
+  "$PY" -m unified_mllm.training.distributed --build-cpu-ops \
+    || echo "[setup] could not build DeepSpeed's CPU op now (above); the first training stage will build it"
+}
+
 stamp_src="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup_env.sh" "$ROOT/scripts/requirements-eval.txt" 2>/dev/null; echo "extras=$EXTRAS")"
 STAMP_FILE="$VENV/.unified_mllm_stamp${EXTRAS:+_${EXTRAS//,/_}}"
 stamp="$(printf '%s' "$stamp_src" | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP_FILE" ] && [ "$(cat "$STAMP_FILE")" = "$stamp" ] \
    && "$PY" -c "import torch, unified_mllm, tokenizer" >/dev/null 2>&1; then
   echo "[setup] environment up to date ($VENV, extras: ${EXTRAS:-none})"
+  build_cpu_ops
   exit 0
 fi
 
@@ -64,4 +72,5 @@ if [ "$want_eval" = 1 ]; then
 fi
 "$PY" -c "import torch, unified_mllm, tokenizer" || { echo "[setup] install finished but imports fail"; exit 1; }
 echo "$stamp" > "$STAMP_FILE"
+build_cpu_ops
 echo "[setup] done ($VENV, torch $TORCH_VERSION, extras: ${EXTRAS:-none})"

@@ -148,6 +148,28 @@ def test_a_killed_builds_lock_is_removed_and_a_recent_one_named(tmp_path) -> Non
     assert clear_stale_build_locks(tmp_path / "absent") == []
 
 
+def test_the_cpu_op_built_at_setup_is_reused_with_or_without_the_environment_on_path() -> None:
+    """After the set-up's build, a stage started through the interpreter's path with a bare PATH (the quickstart, the
+    launcher) and one from an activated environment both load DeepSpeed's CPU op without compiling it again: torch
+    used whichever ninja came first on PATH, and the two recorded builds differently, so each rebuilt it (35–60 s)."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU op is built on CPU-only machines")
+    root = extensions_root()
+    setup = subprocess.run([sys.executable, "-m", "unified_mllm.training.distributed", "--build-cpu-ops"],
+                           capture_output=True, text=True, timeout=900)
+    assert setup.returncode == 0 and "op ready" in setup.stdout, setup.stderr[-3000:]
+    logs = sorted({*root.glob("deepspeed_shm_comm/.ninja_log"), *root.glob("*/deepspeed_shm_comm/.ninja_log")})
+    assert logs, f"no build of DeepSpeed's shm op under {root}"
+    before = {p: p.read_text() for p in logs}
+    bare = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    activated = {**bare, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{bare.get('PATH', '')}"}
+    for env in ({**bare, "PATH": "/usr/bin:/bin"}, activated):
+        res = subprocess.run([sys.executable, "-c", "from unified_mllm.training.distributed import build_cpu_ops; "
+                              "print(build_cpu_ops())"], env=env, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert {p: p.read_text() for p in logs} == before, f"the op was compiled again with PATH={env['PATH']}"
+
+
 MUON_STEP = """
 import json
 import torch

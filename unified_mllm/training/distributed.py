@@ -26,6 +26,7 @@ def init_distributed() -> tuple[int, int]:
     A plain ``python train_stage.py`` gets single-process defaults for RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR
     and MASTER_PORT, so DeepSpeed does not go looking for MPI.
     """
+    use_interpreter_tools()
     import deepspeed
 
     for line in clear_stale_build_locks():
@@ -41,6 +42,37 @@ def init_distributed() -> tuple[int, int]:
 
     _unlink_shm_buffer(dist)
     return dist.get_rank(), dist.get_world_size()
+
+
+def use_interpreter_tools() -> None:
+    """Put this interpreter's ``bin`` folder first on PATH, as an activated virtual environment has it.
+
+    torch builds DeepSpeed's CPU ops with the first ``ninja`` on PATH. The virtual environment's (pip's ninja) and the
+    system's record a build differently, so runs through ``.venv/bin/python`` (the quickstart, the launcher) and runs
+    from an activated environment each found the other's build stale and compiled the op again — 35–60 s at the start
+    of a stage, every time the two alternated (NOTES.md, session 18)."""
+    bindir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = bindir + (os.pathsep + path if path else "")
+
+
+def build_cpu_ops() -> str:
+    """Build (or find built) DeepSpeed's shared-memory all-reduce op, which every CPU run's initialisation loads: the
+    set-up script calls this, so the first training stage does not spend its first half-minute compiling."""
+    use_interpreter_tools()
+    if torch.cuda.is_available():
+        return "CUDA: DeepSpeed's CPU communication op is not used"
+    from deepspeed.accelerator import get_accelerator
+
+    for line in clear_stale_build_locks():
+        print(f"[build_cpu_ops] {line}", file=sys.stderr, flush=True)
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return "this DeepSpeed has no CPU shared-memory op to build"
+    start = time.time()
+    builder.load(verbose=False)
+    return f"DeepSpeed's {builder.NAME} op ready in {extensions_root()} ({time.time() - start:.0f} s)"
 
 
 def extensions_root() -> Path:
@@ -132,3 +164,9 @@ def finish(exit_code: int) -> None:
     if world > 1:
         os._exit(exit_code)
     sys.exit(exit_code)
+
+
+if __name__ == "__main__":  # python -m unified_mllm.training.distributed --build-cpu-ops (scripts/setup_env.sh)
+    if sys.argv[1:] != ["--build-cpu-ops"]:
+        sys.exit("usage: python -m unified_mllm.training.distributed --build-cpu-ops")
+    print(f"[setup] {build_cpu_ops()}")
