@@ -67,9 +67,11 @@ def build_cpu_ops() -> str:
 
     for line in clear_stale_build_locks():
         print(f"[build_cpu_ops] {line}", file=sys.stderr, flush=True)
+    import deepspeed.ops
+
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None:
-        return "this DeepSpeed has no CPU shared-memory op to build"
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return "DeepSpeed does not use its CPU shared-memory op here (not compatible); nothing to build"
     start = time.time()
     builder.load(verbose=False)
     return f"DeepSpeed's {builder.NAME} op ready in {extensions_root()} ({time.time() - start:.0f} s)"
