@@ -26,14 +26,11 @@ from unified_mllm.training.distributed import all_reduce_sum, init_distributed
 from unified_mllm.training.ds_config import (
     build_ds_config,
     resolve_precision,
-    uses_config_optimizer,
     zero_stage,
 )
-from unified_mllm.training.freeze import param_groups
 from unified_mllm.training.metrics import MetricsLogger
-from unified_mllm.training.optimizer import build_optimizer, current_lrs
+from unified_mllm.training.optimizer import current_lrs, initialize_engine
 from unified_mllm.training.rng import rng_state, seed_everything, set_rng_state
-from unified_mllm.training.schedule import build_scheduler
 
 
 class NonFiniteLoss(RuntimeError):
@@ -142,18 +139,7 @@ class TokenizerTrainer:
                                     run_config=to_dict(cfg))
 
     def build_engine(self):
-        import deepspeed
-
-        optim = self.cfg.optim
-        if uses_config_optimizer(self.ds_config):
-            groups = param_groups(self.model, optim.weight_decay)
-            engine, *_ = deepspeed.initialize(model=self.model, model_parameters=groups, config=self.ds_config,
-                                              lr_scheduler=lambda opt: build_scheduler(opt, optim))
-        else:
-            optimizer = build_optimizer(self.model, optim)
-            engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=self.ds_config,
-                                              lr_scheduler=build_scheduler(optimizer, optim))
-        return engine
+        return initialize_engine(self.model, self.cfg.optim, self.ds_config)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"step": self.step, "data": self.stream.state_dict(), "rng": rng_state()}

@@ -69,6 +69,25 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimiz
     return MuonWithAuxAdam(halves, adam_optimizer=torch.optim.AdamW, adam_optimizer_kwargs={})
 
 
+def initialize_engine(model: nn.Module, optim: OptimConfig, ds_config: dict):
+    """The DeepSpeed engine both trainers train through: under ZeRO-Offload DeepSpeed builds its own CPU AdamW from
+    the config (``uses_config_optimizer``), otherwise the client optimizer of :func:`build_optimizer`; the schedule is
+    ``build_scheduler``'s either way."""
+    import deepspeed
+
+    from unified_mllm.training.ds_config import uses_config_optimizer
+    from unified_mllm.training.schedule import build_scheduler
+
+    if uses_config_optimizer(ds_config):
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, optim.weight_decay),
+                                          config=ds_config, lr_scheduler=lambda opt: build_scheduler(opt, optim))
+    else:
+        optimizer = build_optimizer(model, optim)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                          lr_scheduler=build_scheduler(optimizer, optim))
+    return engine
+
+
 def _newton_schulz_for_cpu() -> None:
     """Settings of DeepSpeed's Muon that cost a CPU run its time (NOTES.md, sessions 17–18): it torch.compiles the
     Newton–Schulz step (60 s of compiling at the start of a 5-minute WinTok run, for a step no faster than eager), it

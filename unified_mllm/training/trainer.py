@@ -17,14 +17,12 @@ from unified_mllm.training.distributed import all_reduce_sum, init_distributed
 from unified_mllm.training.ds_config import (
     build_ds_config,
     resolve_precision,
-    uses_config_optimizer,
     zero_stage,
 )
-from unified_mllm.training.freeze import apply_trainables, param_groups
+from unified_mllm.training.freeze import apply_trainables
 from unified_mllm.training.metrics import LogWindow, MetricsLogger
-from unified_mllm.training.optimizer import build_optimizer, current_lrs
+from unified_mllm.training.optimizer import current_lrs, initialize_engine
 from unified_mllm.training.rng import rng_state, seed_everything, set_rng_state
-from unified_mllm.training.schedule import build_scheduler
 
 
 class NonFiniteLoss(RuntimeError):
@@ -54,19 +52,7 @@ class StageTrainer:
 
     # ------------------------------------------------------------------------------------------ build
     def build_engine(self):
-        import deepspeed
-
-        optim = self.cfg.optim
-        if uses_config_optimizer(self.ds_config):  # ZeRO-Offload: DeepSpeed builds DeepSpeedCPUAdam itself
-            engine, optimizer, _, _ = deepspeed.initialize(
-                model=self.model, model_parameters=param_groups(self.model, optim.weight_decay), config=self.ds_config,
-                lr_scheduler=lambda opt: build_scheduler(opt, optim))
-        else:
-            optimizer = build_optimizer(self.model, optim)
-            engine, optimizer, _, _ = deepspeed.initialize(
-                model=self.model, optimizer=optimizer, config=self.ds_config,
-                lr_scheduler=build_scheduler(optimizer, optim))
-        return engine
+        return initialize_engine(self.model, self.cfg.optim, self.ds_config)
 
     # ------------------------------------------------------------------------------------ state/resume
     def state_dict(self) -> dict[str, Any]:
