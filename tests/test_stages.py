@@ -300,3 +300,44 @@ def test_muon_trains_and_resumes_to_the_uninterrupted_losses(world: dict, tmp_pa
     got = losses(part)
     for step in (3, 4):
         assert got[step] == pytest.approx(reference[step], abs=1e-6), (step, got[step], reference[step])
+
+
+def test_weight_average_is_what_the_export_holds_and_survives_a_resume(world: dict, tmp_path: Path) -> None:
+    """model.ema_decay: the export holds the fp32 average of the weights after each step (with the warm-up
+    min(decay, (1 + s) / (10 + s))), not the last weights; a run resumed from its step-2 checkpoint exports the same
+    average as the uninterrupted one; ZeRO-3 is refused naming the field."""
+    from safetensors.torch import load_file
+
+    start = tmp_path / "start"  # known starting weights: the average's first term
+    assert run(stage_cmd(world, "mixed", start, 1), world).returncode == 0
+    sets = (f"model.init_from={start / 'export'}", "model.ema_decay=0.5", "checkpoint.save_every=1",
+            "checkpoint.keep_last=10")
+    full = tmp_path / "full"
+    res = run(stage_cmd(world, "mixed", full, 4, *sets), world)
+    assert res.returncode == 0, res.stderr[-3000:]
+    exported = load_file(str(full / "export" / "model.safetensors"))
+    average = {k: v.float() for k, v in load_file(str(start / "export" / "model.safetensors")).items()}
+    for s in range(4):
+        raw = torch.load(full / "checkpoints" / f"step_{s + 1:08d}" / "ds" / "state" / "mp_rank_00_model_states.pt",
+                         map_location="cpu", weights_only=False)["module"]
+        decay = min(0.5, (1 + s) / (10 + s))
+        for k in average:
+            average[k] = decay * average[k] + (1 - decay) * raw[k].float()
+    moved = [k for k in exported if not torch.equal(exported[k], raw[k])]
+    assert moved, "the export holds the last weights, not their average"
+    for k, v in exported.items():
+        assert torch.allclose(v.float(), average[k], atol=1e-6), k
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    for name in ("step_00000003", "step_00000004"):
+        shutil.rmtree(part / "checkpoints" / name)
+    shutil.rmtree(part / "export")
+    resumed = run(stage_cmd(world, "mixed", part, 4, *sets), world)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    again = load_file(str(part / "export" / "model.safetensors"))
+    for k, v in exported.items():
+        assert torch.allclose(again[k], v, atol=1e-6), k
+    refused = run(stage_cmd(world, "mixed", tmp_path / "z3", 1, "model.ema_decay=0.5",
+                            "deepspeed.config=stage_configs/deepspeed/zero3.json"), world)
+    assert refused.returncode != 0 and "model.ema_decay" in refused.stderr

@@ -102,6 +102,13 @@ class ModelConfig:
     """Image-generation embedding and head."""
     init_from: str | None = None
     """A previous stage's exported directory to start from (align → sft → t2i). Null: fresh projector and heads."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the trainable weights (e.g. 0.998), kept in fp32 by the first process; every
+    export (final and ``checkpoint.export_every``) holds the average, checkpoints keep it for resume. Needs whole
+    weights on each process: ZeRO-0/1/2, not ZeRO-3. 0: off."""
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass

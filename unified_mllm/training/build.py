@@ -60,6 +60,7 @@ def export(trainer, out: Path | None = None) -> Path:
     """A ``from_pretrained`` directory (LoRA merged; ZeRO-3 parameters gathered): the final ``<output_dir>/export``
     by default, which merges LoRA into the model itself; with ``out`` an intermediate one, which merges into a copy so
     that training goes on with the adapters."""
+    import contextlib
     import copy
     import shutil
 
@@ -72,7 +73,9 @@ def export(trainer, out: Path | None = None) -> Path:
     out = trainer.output_dir / "export" if final else out
     model = trainer.model
     params = list(model.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")):
+    ema = getattr(trainer, "ema", None)  # model.ema_decay: the export holds the weight average (ZeRO-2, first process)
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")), \
+            (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
         if trainer.rank == 0:
             lora_llm = model.llm if hasattr(model.llm, "merge_and_unload") else None
             if lora_llm is not None:  # LoRA: export merged weights

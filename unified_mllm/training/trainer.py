@@ -19,6 +19,7 @@ from unified_mllm.training.ds_config import (
     resolve_precision,
     zero_stage,
 )
+from unified_mllm.training.ema import WeightAverage
 from unified_mllm.training.freeze import apply_trainables
 from unified_mllm.training.metrics import LogWindow, MetricsLogger
 from unified_mllm.training.optimizer import current_lrs, initialize_engine
@@ -43,6 +44,11 @@ class StageTrainer:
         if cfg.deepspeed.gradient_checkpointing:
             self.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine = self.build_engine()
+        if cfg.model.ema_decay > 0 and zero_stage(self.ds_config) >= 3:
+            raise ValueError("model.ema_decay: the weight average needs whole weights on each process; use ZeRO-2 "
+                             "(deepspeed.config: stage_configs/deepspeed/zero2.json) or set model.ema_decay: 0")
+        # the exporting process keeps the average (the others would only hold memory)
+        self.ema = WeightAverage(self.model, cfg.model.ema_decay) if cfg.model.ema_decay > 0 and self.rank == 0 else None
         self.loader = build.build_data(cfg, self.model, self.tokenizer, self.rank, self.world_size)
         self.ckpt = CheckpointManager(self.output_dir, cfg.checkpoint.keep_last, self.rank)
         self.step = 0
@@ -56,12 +62,20 @@ class StageTrainer:
 
     # ------------------------------------------------------------------------------------ state/resume
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "data": self.loader.state_dict(), "rng": rng_state()}
+        state = {"step": self.step, "data": self.loader.state_dict(), "rng": rng_state()}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.loader.load_state_dict(state["data"])
         set_rng_state(state["rng"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ValueError(f"model.ema_decay: the checkpoint at step {self.step} was written without a weight "
+                                 f"average; resume it with model.ema_decay: 0, or start a new checkpoint.output_dir")
+            self.ema.load_state_dict(state["ema"])
 
     def maybe_resume(self) -> Path | None:
         mode = self.cfg.checkpoint.resume
@@ -108,6 +122,8 @@ class StageTrainer:
             if out.align_loss is not None:
                 align.append(float(out.align_loss.detach()))
             totals["tokens"] += float((batch["input_ids"] != self.pad_id).sum())  # real tokens: packed rows pad too
+        if self.ema is not None:
+            self.ema.update(self.step)
         self.step += 1
         n = self.cfg.optim.grad_accum
         return {"loss": totals["loss"] / n, "text_loss": totals["text_loss"] / n,
