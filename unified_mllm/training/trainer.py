@@ -38,15 +38,15 @@ class StageTrainer:
         self.output_dir = Path(cfg.checkpoint.output_dir)
         self.ds_config = build_ds_config(cfg.deepspeed, cfg.optim, self.world_size)
         self.precision = resolve_precision(cfg.deepspeed)
+        if cfg.model.ema_decay > 0 and zero_stage(self.ds_config) >= 3:
+            raise ValueError("model.ema_decay: the weight average needs whole weights on each process; use ZeRO-2 "
+                             "(deepspeed.config: stage_configs/deepspeed/zero2.json) or set model.ema_decay: 0")
         self.model, self.tokenizer, self.new_token_ids = build.build_model(cfg, self.ds_config)
         self.pad_id = self.model.config.special_ids["pad_id"]
         self.trainables = apply_trainables(self.model, cfg.train, self.new_token_ids)
         if cfg.deepspeed.gradient_checkpointing:
             self.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine = self.build_engine()
-        if cfg.model.ema_decay > 0 and zero_stage(self.ds_config) >= 3:
-            raise ValueError("model.ema_decay: the weight average needs whole weights on each process; use ZeRO-2 "
-                             "(deepspeed.config: stage_configs/deepspeed/zero2.json) or set model.ema_decay: 0")
         # the exporting process keeps the average (the others would only hold memory)
         self.ema = WeightAverage(self.model, cfg.model.ema_decay) if cfg.model.ema_decay > 0 and self.rank == 0 else None
         self.loader = build.build_data(cfg, self.model, self.tokenizer, self.rank, self.world_size)
