@@ -28,6 +28,7 @@ from unified_mllm.training.ds_config import (
     resolve_precision,
     zero_stage,
 )
+from unified_mllm.training.ema import warmed_decay
 from unified_mllm.training.metrics import MetricsLogger
 from unified_mllm.training.optimizer import current_lrs, initialize_engine
 from unified_mllm.training.rng import rng_state, seed_everything, set_rng_state
@@ -255,7 +256,7 @@ class TokenizerTrainer:
     def update_ema(self) -> None:
         if self.ema is None:
             return
-        decay = min(self.cfg.model.ema_decay, (1 + self.step) / (10 + self.step))  # short warm-up of the average
+        decay = warmed_decay(self.cfg.model.ema_decay, self.step)
         for e, p in zip(self.ema.parameters(), self.model.parameters()):
             e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
         for e, b in zip(self.ema.buffers(), self.model.buffers()):

@@ -73,9 +73,9 @@ def export(trainer, out: Path | None = None) -> Path:
     out = trainer.output_dir / "export" if final else out
     model = trainer.model
     params = list(model.parameters())
-    ema = getattr(trainer, "ema", None)  # model.ema_decay: the export holds the weight average (ZeRO-2, first process)
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")), \
-            (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
+    # model.ema_decay: the export holds the weight average (kept by the first process, under ZeRO-2 at most)
+    average = trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext()
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")), average:
         if trainer.rank == 0:
             lora_llm = model.llm if hasattr(model.llm, "merge_and_unload") else None
             if lora_llm is not None:  # LoRA: export merged weights

@@ -8,9 +8,14 @@ import torch
 from torch import nn
 
 
+def warmed_decay(decay: float, step: int) -> float:
+    """The averaging rate after optimizer step ``step`` (0-based): ``min(decay, (1 + step) / (10 + step))``, a short
+    warm-up so the first steps are not averaged with the initial weights (both EMA-keeping trainers use it)."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 class WeightAverage:
-    """``avg ← decay·avg + (1 − decay)·w`` after every optimizer step, with the short warm-up the tokenizer stage uses
-    (decay ``min(decay, (1 + step) / (10 + step))``), so early steps are not averaged with the initial weights.
+    """``avg ← d·avg + (1 − d)·w`` after every optimizer step, d = ``warmed_decay(decay, step)``.
 
     Only trainable parameters are averaged (frozen ones never change); the average is fp32 whatever the training
     precision — a bf16 average would drop the (1 − decay)-sized steps below its resolution."""
@@ -23,9 +28,9 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Fold in the weights after optimizer step ``step`` (0-based)."""
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for name, p in self.params.items():
-            self.average[name].lerp_(p.detach().float(), 1.0 - decay)
+        # one fused call over every tensor (this runs inside each training step); .float() of an fp32 weight is itself
+        torch._foreach_lerp_(list(self.average.values()), [p.detach().float() for p in self.params.values()],
+                             1.0 - warmed_decay(self.decay, step))
 
     @contextmanager
     def swapped_in(self):
