@@ -35,21 +35,36 @@ def shapeworld_and_wintok(tmp_path: Path, monkeypatch, num: int, num_test: int) 
     return data, wintok
 
 
-def test_recipes_sharing_images_encode_them_once(tmp_path: Path, monkeypatch) -> None:
-    _, wintok = shapeworld_and_wintok(tmp_path, monkeypatch, 40, 4)
-    first, s1 = pretokenize("data_recipes/shapeworld_align.yaml", wintok, 16, str(tmp_path / "cache"))
-    second, s2 = pretokenize("data_recipes/shapeworld_mixed.yaml", wintok, 16, str(tmp_path / "cache"))
-    assert s1["reused"] == 0 and s1["images"] == 40
-    assert s2["images"] == 40 and s2["reused"] == 40  # every image came from the align cache
-    fresh, s3 = pretokenize("data_recipes/shapeworld_mixed.yaml", wintok, 16, str(tmp_path / "fresh"))
-    assert s3["reused"] == 0
-    a = datasets.load_from_disk(str(second)).with_format("numpy")
-    b = datasets.load_from_disk(str(fresh)).with_format("numpy")
+def assert_same_rows(one: Path, other: Path) -> None:
+    a = datasets.load_from_disk(str(one)).with_format("numpy")
+    b = datasets.load_from_disk(str(other)).with_format("numpy")
     order_a, order_b = np.argsort(a["key"]), np.argsort(b["key"])
     assert (a["key"][order_a] == b["key"][order_b]).all()
     assert np.array_equal(a["pixel_codes"][order_a], b["pixel_codes"][order_b])
     assert np.array_equal(a["semantic"][order_a], b["semantic"][order_b])
     assert (a["digest"][order_a] == b["digest"][order_b]).all()  # a reused row carries its image's digest too
+
+
+def test_recipes_sharing_images_encode_them_once(tmp_path: Path, monkeypatch) -> None:
+    """A recipe with exactly another cache's images gets a copy of it; one with some of them reuses those rows.
+    Either way the rows are those of encoding afresh."""
+    data, wintok = shapeworld_and_wintok(tmp_path, monkeypatch, 40, 4)
+    first, s1 = pretokenize("data_recipes/shapeworld_align.yaml", wintok, 16, str(tmp_path / "cache"))
+    second, s2 = pretokenize("data_recipes/shapeworld_mixed.yaml", wintok, 16, str(tmp_path / "cache"))
+    assert s1["reused"] == 0 and s1["images"] == 40
+    assert s2["images"] == 40 and s2["copied_from"] == str(first)  # the same 40 images: the align cache, copied
+    fresh, s3 = pretokenize("data_recipes/shapeworld_mixed.yaml", wintok, 16, str(tmp_path / "fresh"))
+    assert s3["reused"] == 0 and "copied_from" not in s3
+    assert_same_rows(second, fresh)
+
+    lines = (data / "t2i_train.jsonl").read_text().splitlines()
+    (data / "t2i_half.jsonl").write_text("\n".join(lines[:25]) + "\n")
+    half = tmp_path / "half.yaml"
+    half.write_text(Path("data_recipes/shapeworld_align.yaml").read_text().replace("t2i_train.jsonl", "t2i_half.jsonl"))
+    part, s4 = pretokenize(str(half), wintok, 16, str(tmp_path / "cache"))
+    assert s4["images"] == 25 and s4["reused"] == 25  # a subset: row by row from the caches beside it
+    part_fresh, _ = pretokenize(str(half), wintok, 16, str(tmp_path / "fresh_half"))
+    assert_same_rows(part, part_fresh)
 
 
 def test_a_moved_dataset_still_reads_its_cache_by_content(tmp_path: Path, monkeypatch) -> None:

@@ -176,6 +176,36 @@ def test_patch_consistency_pulls_identical_patches_to_the_same_codes() -> None:
         assert float(patch_consistency_loss(images, split, 8, 0.1, min_share=0.9)) == 0.0  # 7 of 8: too few
 
 
+def test_patch_consistency_loss_is_its_plain_autograd_form() -> None:
+    """The loss's hand-written backward and hashed grouping give autograd's gradient and unique(dim=0)'s groups."""
+    from tokenizer.losses import identical_patch_groups, patch_consistency_loss
+
+    gen = torch.Generator().manual_seed(0)
+    palette = torch.rand(5, 3, 4, 4, generator=gen) * 2 - 1  # 5 distinct patches; -0.0 and 0.0 are the same pixel
+    palette[0] = 0.0
+    pick = torch.multinomial(torch.tensor([8.0, 4, 2, 1, 1]), 6 * 16, replacement=True, generator=gen)
+    images = palette[pick].view(6, 4, 4, 3, 4, 4).permute(0, 3, 1, 4, 2, 5).reshape(6, 3, 16, 16).clone()
+    images[0, :, :4, :4] = -0.0
+    group, counts = identical_patch_groups(images, 4)
+    patches = torch.nn.functional.unfold(images + 0.0, 4, stride=4).transpose(1, 2).reshape(-1, 48)
+    _, ref_group, ref_counts = torch.unique(patches, dim=0, return_inverse=True, return_counts=True)
+    assert sorted(counts.tolist()) == sorted(ref_counts.tolist())
+    assert torch.equal(group[:, None] == group[None, :], ref_group[:, None] == ref_group[None, :])
+
+    sim = (torch.randn(6, 2, 16, 7, generator=gen) * 0.3).requires_grad_()
+    for min_share in (0.0, 0.1, 0.3):  # 0.3: the largest group only
+        prob = (2.0 * sim / 0.1).softmax(-1).transpose(1, 2).reshape(96, 14)
+        shared = ref_counts[ref_group] > max(1, min_share * 96)
+        one_hot = torch.nn.functional.one_hot(ref_group[shared], len(ref_counts)).float()
+        mean = (one_hot.T @ prob[shared]) / one_hot.sum(0).clamp(min=1)[:, None]
+        ref = (prob[shared] - one_hot @ mean).pow(2).sum(-1).mean() / 2
+        (ref_grad,) = torch.autograd.grad(ref, sim)
+        loss = patch_consistency_loss(images, sim, 4, 0.1, min_share)
+        (grad,) = torch.autograd.grad(loss, sim)
+        assert float(loss) == pytest.approx(float(ref), rel=1e-5) and float(ref) > 0.01
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
 def test_entropy_loss_prefers_confident_and_diverse_codes() -> None:
     k = 8
     diverse = torch.eye(k).view(1, 1, k, k) * 1.0  # each position its own code, confidently

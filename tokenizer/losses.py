@@ -52,6 +52,55 @@ def feature_distance(rec_maps: list[torch.Tensor], ref_maps: list[torch.Tensor])
     return total
 
 
+_HASH_COEFFICIENTS: dict[int, torch.Tensor] = {}
+
+
+def _hash_coefficients(n: int) -> torch.Tensor:
+    if n not in _HASH_COEFFICIENTS:  # odd, fixed: the same key for the same pixels in every run
+        gen = torch.Generator().manual_seed(0x5A17)
+        _HASH_COEFFICIENTS[n] = torch.randint(0, 2 ** 62, (n,), generator=gen, dtype=torch.int64) * 2 + 1
+    return _HASH_COEFFICIENTS[n]
+
+
+def identical_patch_groups(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of a batch's patches hold exactly the same pixels: a group id per patch (B·L,), image-major, and each
+    group's size. Patches are keyed by a fixed random linear hash of their float bits (int64 arithmetic, exact), then
+    grouped by a 1-D ``torch.unique``; ``unique(dim=0)`` over the patch rows costs ~10× more. Two different patches
+    share a key with probability ~2⁻⁶⁴ a pair."""
+    patches = F.unfold(images.float(), patch_size, stride=patch_size).transpose(1, 2) + 0.0  # + 0.0: −0.0 → 0.0
+    bits = patches.contiguous().view(torch.int32).to(torch.int64)  # (B, L, D)
+    key = (bits * _hash_coefficients(bits.shape[-1]).to(bits.device)).sum(-1).flatten()  # wraps around: still exact
+    _, group, counts = torch.unique(key, return_inverse=True, return_counts=True)
+    return group, counts
+
+
+class _GroupSpread(torch.autograd.Function):
+    """Mean over the rows in ``rows`` of the squared distance of each row's softmax(scale · x) to its group's mean,
+    per sub-codebook (÷ C). ``x`` (N, C, K); ``rows`` (M,) indices; ``group`` (M,) ids in [0, G); ``counts`` (G,).
+    Forward and backward written out: autograd's version of the same arithmetic made the loss ~10% of a WinTok step.
+    The group mean needs no gradient of its own: a group's deviations from its mean sum to zero."""
+
+    @staticmethod
+    def forward(ctx, x, scale, rows, group, counts):
+        prob = (x.float() * scale).softmax(-1)  # (N, C, K)
+        member = prob[rows]  # (M, C, K)
+        mean = member.new_zeros((counts.numel(), *member.shape[1:])).index_add_(0, group, member)
+        mean /= counts.to(mean.dtype)[:, None, None]
+        diff = member.sub_(mean[group])
+        denom = rows.numel() * x.shape[1]
+        ctx.save_for_backward(prob, rows, diff)
+        ctx.scale, ctx.denom, ctx.dtype = scale, denom, x.dtype
+        return diff.pow(2).sum() / denom
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        prob, rows, diff = ctx.saved_tensors
+        grad_prob = torch.zeros_like(prob)
+        grad_prob[rows] = diff * (2.0 * grad_out / ctx.denom)
+        grad_x = prob * (grad_prob - (prob * grad_prob).sum(-1, keepdim=True))  # softmax's backward
+        return (grad_x * ctx.scale).to(ctx.dtype), None, None, None, None
+
+
 def patch_consistency_loss(images: torch.Tensor, sim: torch.Tensor, patch_size: int,
                            temperature: float, min_share: float = 0.0) -> torch.Tensor:
     """Identical patches → the same code distribution: the squared distance of each patch's soft code assignment
@@ -62,15 +111,14 @@ def patch_consistency_loss(images: torch.Tensor, sim: torch.Tensor, patch_size: 
     ``min_share`` > 0 restricts it to groups holding at least that share of the batch's patches (a flat background),
     leaving the codes of smaller groups (object interiors) free."""
     b, c, n, k = sim.shape
-    patches = F.unfold(images.float(), patch_size, stride=patch_size).transpose(1, 2).reshape(b * n, -1)
-    _, group, counts = torch.unique(patches, dim=0, return_inverse=True, return_counts=True)
+    group, counts = identical_patch_groups(images, patch_size)
     shared = counts[group] > max(1, min_share * b * n)
     if not bool(shared.any()):
         return sim.new_zeros(()).float()
-    prob = (2.0 * sim.float() / temperature).softmax(-1).permute(0, 2, 1, 3).reshape(b * n, c * k)[shared]
-    g = group[shared]
-    mean = prob.new_zeros(counts.numel(), c * k).index_add_(0, g, prob) / counts[:, None].to(prob.dtype)
-    return (prob - mean[g]).pow(2).sum(-1).mean() / c
+    rows = shared.nonzero().flatten()
+    kept, compact = torch.unique(group[rows], return_inverse=True)
+    x = sim.transpose(1, 2).reshape(b * n, c, k)  # a patch's rows of logits together
+    return _GroupSpread.apply(x, 2.0 / temperature, rows, compact, counts[kept])
 
 
 def entropy_loss(sim: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -136,6 +184,9 @@ def tokenizer_losses(out: WinTokForwardOutput, images: torch.Tensor, teacher_emb
     else:
         teacher_feat = zero
     q = out.quantizer
+    if q.logits is None and (weights.entropy > 0 or weights.patch_consistency > 0):
+        raise ValueError("loss.entropy / loss.patch_consistency read the quantizer's logits, which a forward without "
+                         "gradients does not keep; run the forward with gradients enabled")
     vq = weights.commitment_beta * q.commitment_loss + q.codebook_loss
     ent = entropy_loss(q.logits, weights.entropy_temp) if weights.entropy > 0 else zero
     consistency = (patch_consistency_loss(images, q.logits, patch_size, weights.entropy_temp,

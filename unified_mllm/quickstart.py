@@ -153,15 +153,10 @@ def step_text_tokenizer(args: argparse.Namespace) -> str:
 
 
 def step_pretokenize(args: argparse.Namespace) -> str:
-    done = []
-    for stage in _chain(args):
-        recipe = load_stage_config(stage).data.recipe
-        if recipe in done:
-            continue
-        run_cmd([sys.executable, "-m", "unified_mllm.data.pretokenize", "--recipe", recipe, "--wintok",
-                 str(Path(args.out) / "wintok")], env=_env(args))
-        done.append(recipe)
-    return f"WinTok codes + semantic tokens cached for {', '.join(done)} in {Path(args.out) / 'pretokenized'}"
+    recipes = list(dict.fromkeys(load_stage_config(stage).data.recipe for stage in _chain(args)))
+    run_cmd([sys.executable, "-m", "unified_mllm.data.pretokenize", *(x for r in recipes for x in ("--recipe", r)),
+             "--wintok", str(Path(args.out) / "wintok")], env=_env(args))
+    return f"WinTok codes + semantic tokens cached for {', '.join(recipes)} in {Path(args.out) / 'pretokenized'}"
 
 
 def _chain(args: argparse.Namespace) -> list[str]:

@@ -2,6 +2,9 @@
 
     python -m unified_mllm.data.pretokenize --recipe data_recipes/shapeworld_mixed.yaml --wintok runs/quickstart/wintok
 
+``--recipe`` may be repeated: the WinTok is loaded once, and a recipe whose images another finished cache holds
+exactly (the ShapeWorld recipes share theirs) gets a copy of that cache.
+
 Writes ``<root>/<recipe stem>/<wintok hash>/`` (root: the recipe's pretokenize_dir, else runs/pretokenized) with
 columns ``key`` (image path, or ``sha1:`` of encoded image bytes), ``digest`` (``sha1:`` of the image's bytes, so a
 dataset moved elsewhere still finds its rows), ``pixel_codes`` (C × P int16) and ``semantic`` (N × D float16). Resumable: finished
@@ -51,6 +54,20 @@ def encoded_elsewhere(out: Path) -> dict[str, tuple]:
     return known
 
 
+def same_images_elsewhere(out: Path, refs: list[str]) -> Path | None:
+    """Another recipe's finished cache for the same WinTok (same root and hash) holding exactly the images ``refs``
+    (sorted keys), with digests: its rows are this recipe's rows, so the cache is copied, not rebuilt row by row."""
+    import datasets
+
+    for other in sorted(out.parent.parent.glob(f"*/{out.name}")):
+        if other == out or not (other / "dataset_info.json").is_file():
+            continue
+        ds = datasets.load_from_disk(str(other))
+        if len(ds) == len(refs) and "digest" in ds.column_names and sorted(map(str, ds["key"])) == refs:
+            return other
+    return None
+
+
 def with_digests(shard, by_key: dict):
     """A shard finished by an older version (no ``digest`` column) gets one, so it joins the new shards."""
     if "digest" in shard.column_names:
@@ -72,6 +89,14 @@ def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | 
     by_key = {image_key(r["image"]): r["image"] for s in recipe.sources for r in read_source(s, recipe_path)
               if isinstance(r.get("image"), (str, Path, bytes))}
     refs = sorted(by_key)
+    twin = same_images_elsewhere(out, refs)
+    if twin is not None:
+        t0 = time.time()
+        tmp = out.with_name(out.name + ".copy")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(twin, tmp)
+        tmp.rename(out)  # complete or absent
+        return out, {"images": len(refs), "skipped": 0, "copied_from": str(twin), "seconds": round(time.time() - t0, 1)}
     shards = out.parent / (out.name + ".shards")
     shards.mkdir(parents=True, exist_ok=True)
     known = encoded_elsewhere(out)
@@ -127,18 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     from tokenizer import WinTok, WinTokLoadError
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", required=True)
+    p.add_argument("--recipe", required=True, action="append", help="a data recipe; repeat it for several (their "
+                   "shared images are encoded once)")
     p.add_argument("--wintok", required=True, help="WinTok checkpoint (dir, .pth or .safetensors)")
     p.add_argument("--out", default=None, help="cache root (default: the recipe's pretokenize_dir or runs/pretokenized)")
     p.add_argument("--batch-size", type=int, default=64)
     a = p.parse_args(argv)
     try:
         wintok = WinTok.from_checkpoint(a.wintok).freeze()
-        out, stats = pretokenize(a.recipe, wintok, a.batch_size, a.out)
+        for recipe in dict.fromkeys(a.recipe):
+            out, stats = pretokenize(recipe, wintok, a.batch_size, a.out)
+            print(f"pretokenized → {out}: {stats}", flush=True)
     except (ConfigError, WinTokLoadError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"pretokenized → {out}: {stats}")
     return 0
 
 
