@@ -50,9 +50,12 @@ def test_recipes_sharing_images_encode_them_once(tmp_path: Path, monkeypatch) ->
     Either way the rows are those of encoding afresh."""
     data, wintok = shapeworld_and_wintok(tmp_path, monkeypatch, 40, 4)
     first, s1 = pretokenize("data_recipes/shapeworld_align.yaml", wintok, 16, str(tmp_path / "cache"))
+    stale = first.parent.parent / "shapeworld_mixed" / (first.name + ".shards") / "00000"
+    stale.mkdir(parents=True)  # a mixed-recipe run stopped part-way, earlier
     second, s2 = pretokenize("data_recipes/shapeworld_mixed.yaml", wintok, 16, str(tmp_path / "cache"))
     assert s1["reused"] == 0 and s1["images"] == 40
     assert s2["images"] == 40 and s2["copied_from"] == str(first)  # the same 40 images: the align cache, copied
+    assert not stale.parent.exists()
     fresh, s3 = pretokenize("data_recipes/shapeworld_mixed.yaml", wintok, 16, str(tmp_path / "fresh"))
     assert s3["reused"] == 0 and "copied_from" not in s3
     assert_same_rows(second, fresh)

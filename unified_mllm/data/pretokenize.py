@@ -96,6 +96,7 @@ def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | 
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(twin, tmp)
         tmp.rename(out)  # complete or absent
+        shutil.rmtree(out.parent / (out.name + ".shards"), ignore_errors=True)  # of an earlier run stopped part-way
         return out, {"images": len(refs), "skipped": 0, "copied_from": str(twin), "seconds": round(time.time() - t0, 1)}
     shards = out.parent / (out.name + ".shards")
     shards.mkdir(parents=True, exist_ok=True)
