@@ -77,7 +77,8 @@ def identical_patch_groups(images: torch.Tensor, patch_size: int) -> tuple[torch
 class _GroupSpread(torch.autograd.Function):
     """Mean over the rows in ``rows`` of the squared distance of each row's softmax(scale · x) to its group's mean,
     per sub-codebook (÷ C). ``x`` (N, C, K); ``rows`` (M,) indices; ``group`` (M,) ids in [0, G); ``counts`` (G,).
-    Forward and backward written out: autograd's version of the same arithmetic made the loss ~10% of a WinTok step.
+    Forward and backward written out: autograd's version of the same arithmetic (with ``unique(dim=0)``) cost 3x as
+    much at two threads (``scripts/bench/patch_consistency.py``), ~15% of a WinTok step.
     The group mean needs no gradient of its own: a group's deviations from its mean sum to zero."""
 
     @staticmethod
