@@ -302,6 +302,13 @@ def test_gan_lpips_ema_train_and_evaluate(shapeworld: Path, tmp_path: Path) -> N
     assert any(not torch.equal(states[0]["disc"][k], states[1]["disc"][k]) for k in states[1]["disc"])
     exported = load_file(str(out / "export" / "model.safetensors"))
     assert all(torch.equal(exported[k], states[1]["ema"][k]) for k in exported)
+    # the average after step 2 is step 1's moved toward step 2's weights at the warmed-up rate; buffers are copied
+    engine = torch.load(out / "checkpoints" / "step_00000002" / "ds" / "state" / "mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)
+    rate = 1.0 - min(0.9, (1 + 1) / (10 + 1))
+    for k, w in engine["module"].items():
+        want = w.float() if k in engine["buffer_names"] else states[0]["ema"][k].lerp(w.float(), rate)
+        torch.testing.assert_close(states[1]["ema"][k], want, rtol=1e-6, atol=1e-7)
     assert "lpips_vgg" in json.loads((out / "eval.json").read_text())
 
 

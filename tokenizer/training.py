@@ -256,11 +256,10 @@ class TokenizerTrainer:
     def update_ema(self) -> None:
         if self.ema is None:
             return
-        decay = warmed_decay(self.cfg.model.ema_decay, self.step)
-        for e, p in zip(self.ema.parameters(), self.model.parameters()):
-            e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
-        for e, b in zip(self.ema.buffers(), self.model.buffers()):
-            e.copy_(b)
+        averaged = list(self.ema.parameters())  # one fused call per step, as WeightAverage.update
+        torch._foreach_lerp_(averaged, [p.detach().to(e.dtype) for e, p in zip(averaged, self.model.parameters())],
+                             1.0 - warmed_decay(self.cfg.model.ema_decay, self.step))
+        torch._foreach_copy_(list(self.ema.buffers()), list(self.model.buffers()))
 
     def loss_summary(self) -> str:
         lc = self.cfg.loss

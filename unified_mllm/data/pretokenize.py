@@ -37,17 +37,22 @@ def cache_dir_for(recipe_path: str, recipe, wintok_hash: str) -> Path:
     return root / Path(recipe_path).stem / wintok_hash
 
 
+def sibling_caches(out: Path):
+    """(path, dataset) of every other recipe's finished cache for the same WinTok (same root and hash)."""
+    import datasets
+
+    for other in sorted(out.parent.parent.glob(f"*/{out.name}")):
+        if other != out and (other / "dataset_info.json").is_file():
+            yield other, datasets.load_from_disk(str(other))
+
+
 def encoded_elsewhere(out: Path) -> dict[str, tuple]:
     """Features of images already in another recipe's finished cache for the same WinTok (same root and hash):
     key → (digest or None for a cache from before digests, pixel_codes, semantic). Recipes that share images (the
     ShapeWorld ones all do) encode them once."""
-    import datasets
-
     known: dict[str, tuple] = {}
-    for other in sorted(out.parent.parent.glob(f"*/{out.name}")):
-        if other == out or not (other / "dataset_info.json").is_file():
-            continue
-        ds = datasets.load_from_disk(str(other)).with_format("numpy")
+    for _, ds in sibling_caches(out):
+        ds = ds.with_format("numpy")
         digests = ds["digest"] if "digest" in ds.column_names else [None] * len(ds)
         for key, digest, codes, sem in zip(ds["key"], digests, ds["pixel_codes"], ds["semantic"]):
             known.setdefault(str(key), (digest and str(digest), codes, sem))
@@ -57,12 +62,7 @@ def encoded_elsewhere(out: Path) -> dict[str, tuple]:
 def same_images_elsewhere(out: Path, refs: list[str]) -> Path | None:
     """Another recipe's finished cache for the same WinTok (same root and hash) holding exactly the images ``refs``
     (sorted keys), with digests: its rows are this recipe's rows, so the cache is copied, not rebuilt row by row."""
-    import datasets
-
-    for other in sorted(out.parent.parent.glob(f"*/{out.name}")):
-        if other == out or not (other / "dataset_info.json").is_file():
-            continue
-        ds = datasets.load_from_disk(str(other))
+    for other, ds in sibling_caches(out):
         if len(ds) == len(refs) and "digest" in ds.column_names and sorted(map(str, ds["key"])) == refs:
             return other
     return None
