@@ -571,6 +571,28 @@ def test_text_tokenizer_round_trips_characters_it_never_saw(tmp_path: Path) -> N
     assert len(tok) >= 256 + 3 + 2
 
 
+def test_text_tokenizer_learns_the_words_after_a_newline_as_it_encodes_them(tmp_path: Path) -> None:
+    """Multiple-choice turns span lines. Trained line by line, the vocabulary knew "Answer" only as a line's first word
+    (with the word-start mark), so inside a turn "\\nAnswer" became "A" + "nswer" — the option letter's own token —
+    and the ChatML role names after <|im_start|> were split in pieces."""
+    from unified_mllm.data.masking import tokenize_conversation
+    from unified_mllm.data.templates import CHATML
+    from unified_mllm.data.text_tokenizer import train_text_tokenizer
+
+    mc = "What color is the circle?\nA. red\nB. green\nC. blue\nD. cyan\nAnswer with the option's letter directly."
+    texts = [mc, "How many circles are there?\nAnswer the question using a single word or phrase.", "A", "2"] * 100
+    tok = train_text_tokenizer(texts, tmp_path / "tok", vocab_size=400)
+    ids, labels = tokenize_conversation([{"role": "user", "content": mc}, {"role": "assistant", "content": "B"}], tok,
+                                        CHATML)
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert pieces.count("Answer") == 1 and pieces.count("A") == 1, pieces  # the instruction's word, option A's letter
+    assert pieces.count("\n") == 9 and "<0x0A>" not in pieces, pieces  # 5 in the question, 4 of ChatML
+    assert {"user", "assistant"} <= set(pieces), pieces
+    assert tok.decode(ids) == tok.apply_chat_template([{"role": "user", "content": mc}, {"role": "assistant",
+                                                                                        "content": "B"}], tokenize=False)
+    assert tok.convert_ids_to_tokens([i for i, lab in zip(ids, labels) if lab != -100])[0] == "B"
+
+
 def test_every_rank_draws_the_same_task_sequence(pretokenized_mixture) -> None:
     """Ranks read different records (so packing fits different numbers of samples) but must agree on each
     micro-batch's task: ranks on different tasks run different modules, and under ZeRO-3 their parameter

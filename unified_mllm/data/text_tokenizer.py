@@ -20,6 +20,12 @@ from unified_mllm.data.sources import read_source
 from unified_mllm.data.templates import CHATML
 
 TEMPLATE_SYMBOLS = ["<|im_start|>", "<|im_end|>"]
+NEWLINE = "\n"
+"""A piece of its own, as in real LLM vocabularies. The texts are trained on whole, newlines inside them: trained line
+by line, a line's first word is learnt with the word-start mark (``▁Answer``) that it lacks after a newline inside a
+turn, so "\\nAnswer" came out as ``A`` + ``nswer`` — the same ``A`` as a multiple-choice option's letter."""
+ROLE_LINES = ["<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_start|>system\n"]
+"""The ChatML headers as the template writes them, so the role names are learnt as they appear after <|im_start|>."""
 
 
 def recipe_texts(recipe_path: str, limit: int = 200_000) -> list[str]:
@@ -31,7 +37,8 @@ def recipe_texts(recipe_path: str, limit: int = 200_000) -> list[str]:
                 texts.append(str(rec["caption"]))
             for turn in rec.get("conversations") or []:
                 if isinstance(turn, dict) and isinstance(turn.get("value"), str):
-                    texts.append(turn["value"].replace("<image>", " ").strip())
+                    # as encoded: the <image> tag becomes special tokens, so the text after it starts at its newline
+                    texts.append(turn["value"].replace("<image>", ""))
             if len(texts) >= limit:
                 return texts
     return texts
@@ -43,20 +50,22 @@ def train_text_tokenizer(texts: list[str], out: str | Path, vocab_size: int = 51
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    sentences = list(texts) + ROLE_LINES * 10
+    symbols = TEMPLATE_SYMBOLS + [NEWLINE]
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        text = "\n".join(texts + ["user assistant system"] * 10) + "\n"
-        corpus.write_text(text)
-        # every character of the corpus, the 256 byte pieces, <unk>/<s>/</s> and the template symbols need a slot
-        minimum = len(set(text) - {"\n"}) + 256 + 3 + len(TEMPLATE_SYMBOLS)
+        # every character of the corpus, the 256 byte pieces, <unk>/<s>/</s> and the symbols need a slot
+        minimum = len(set("".join(sentences)) - {NEWLINE}) + 256 + 3 + len(symbols)
         if vocab_size < minimum:
             print(f"[text_tokenizer] vocabulary size {vocab_size} raised to {minimum} (256 byte-fallback pieces + the "
                   f"corpus characters + special symbols)")
             vocab_size = minimum
+        # sentences from an iterator may hold newlines (a corpus file is read line by line); the identity rule keeps
+        # them (NFKC folds a newline into a space), so training sees each word as encoding will
         spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(Path(tmp) / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
-            user_defined_symbols=TEMPLATE_SYMBOLS, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
-            character_coverage=1.0, byte_fallback=True, minloglevel=2)
+            sentence_iterator=iter(sentences), model_prefix=str(Path(tmp) / "tokenizer"), vocab_size=vocab_size,
+            model_type="bpe", user_defined_symbols=symbols, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, minloglevel=2)
         staging = Path(tmp) / "hf"
         staging.mkdir()
         (staging / "tokenizer.model").write_bytes((Path(tmp) / "tokenizer.model").read_bytes())
