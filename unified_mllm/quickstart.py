@@ -16,10 +16,8 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,31 +32,12 @@ class Step:
     """Does the work; returns a one-line summary of what it did."""
     needs: str | None = None
     """A module that must exist for this step; without it the step is reported as not available yet."""
-    side_by_side: bool = False
-    """Runs at the same time as the neighbouring side-by-side steps (independent work), each on its share of the
-    cores with its output in <out>/logs/<name>.log."""
-
-
-_STEP_LOG = threading.local()
-"""``path``: where the commands of the step running in this thread write their output (side-by-side steps); unset:
-the terminal."""
 
 
 def run_cmd(cmd: list[str], env: dict | None = None) -> None:
-    """Runs ``cmd`` from the project root; in a side-by-side step, its output goes to the step's log (named on
-    failure)."""
-    log: Path | None = getattr(_STEP_LOG, "path", None)
-    print("  $ " + " ".join(cmd) + (f"  > {log}" if log else ""), flush=True)
-    if log is None:
-        subprocess.run(cmd, check=True, env=env, cwd=PROJECT_ROOT)
-        return
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        res = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if res.returncode:
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
-        print(f"--- last lines of {log} ---\n{tail}", file=sys.stderr, flush=True)
-        raise subprocess.CalledProcessError(res.returncode, " ".join(cmd[:4]) + f" … (its output: {log})")
+    """Runs ``cmd`` from the project root, its output on the terminal."""
+    print("  $ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=env, cwd=PROJECT_ROOT)
 
 
 def step_data(args: argparse.Namespace) -> str:
@@ -136,10 +115,8 @@ def run_env(run: Path) -> dict:
 
 
 def _env(args: argparse.Namespace, threads: int | None = None) -> dict:
-    """run_env, with ``threads`` (else, for a step running side by side with others, its share of the cores) as
-    OMP_NUM_THREADS unless the user set it."""
+    """run_env, with ``threads`` as OMP_NUM_THREADS unless the user set it."""
     env = run_env(Path(args.out))
-    threads = threads or getattr(args, "threads", None)
     if threads:
         env.setdefault("OMP_NUM_THREADS", str(threads))
     return env
@@ -335,12 +312,21 @@ def step_eval(args: argparse.Namespace) -> str:
 
 
 def step_curve(args: argparse.Namespace) -> str:
+    """The held-in score of the last stage's intermediate exports, drawn where the eval misses a target (the issue
+    asks for the curve there, to show what limits the run); with every target met it is skipped, the command that
+    draws it given instead — it would add a third of the eval's time (NOTES.md, session 21)."""
+    from unified_mllm.report import missed_targets
+
     stage_dir = Path(args.out) / _chain(args)[-1]
     out = Path(args.out) / "eval" / "curve.json"
     limits = ["--max-questions", "12", "--max-prompts", "6"] if args.fast else ["--max-questions", "300",
                                                                                  "--max-prompts", "120"]
-    run_cmd([sys.executable, "-m", "eval.curve", "--stage-dir", str(stage_dir), "--data", str(_data_dir(args)),
-             "--out", str(out), *limits], env=_env(args))
+    cmd = [sys.executable, "-m", "eval.curve", "--stage-dir", str(stage_dir), "--data", str(_data_dir(args)),
+           "--out", str(out), *limits]
+    summary = Path(args.out) / "eval" / "summary.json"
+    if not missed_targets(json.loads(summary.read_text())):
+        return f"skipped: every target is met (draw it with `{' '.join(cmd)}`)"
+    run_cmd(cmd, env=_env(args))
     pts = json.loads(out.read_text())["points"]
     return "held-in score against steps: " + "; ".join(
         f"step {p['step']}: understanding {p['understanding/heldin']['overall']:.2f}, generation "
@@ -363,9 +349,8 @@ STEPS = [
     Step("text_tokenizer", step_text_tokenizer, needs="unified_mllm.data.text_tokenizer"),
     Step("pretokenize", step_pretokenize, needs="unified_mllm.data.pretokenize"),
     # the MLLM stages of --chain are inserted here
-    # independent of each other: side by side, one core each on 2 cores (111 + 93 s one after the other, session 7)
-    Step("eval", step_eval, needs="eval.suite", side_by_side=True),
-    Step("curve", step_curve, needs="eval.curve", side_by_side=True),
+    Step("eval", step_eval, needs="eval.suite"),
+    Step("curve", step_curve, needs="eval.curve"),
     Step("report", step_report, needs="unified_mllm.report"),
 ]
 NOT_BUILT_YET: tuple[str, ...] = ()
@@ -377,55 +362,16 @@ def steps_for(args: argparse.Namespace) -> list[Step]:
     return STEPS[:i] + [make_stage_step(stage) for stage in _chain(args)] + STEPS[i:]
 
 
-def step_groups(steps: list[Step]) -> list[list[Step]]:
-    """The steps in order, neighbouring side-by-side steps in one group."""
-    groups: list[list[Step]] = []
-    for step in steps:
-        if step.side_by_side and groups and groups[-1][-1].side_by_side:
-            groups[-1].append(step)
-        else:
-            groups.append([step])
-    return groups
-
-
-def wall_seconds(timings: dict[str, float]) -> float:
-    """A run's wall time from its step timings: the steps of a side-by-side group count once, as the longest."""
-    group_of = {step.name: i for i, group in enumerate(step_groups(STEPS)) for step in group if step.side_by_side}
-    longest: dict[object, float] = {}
-    for name, seconds in timings.items():
-        key = group_of.get(name, name)
-        longest[key] = max(longest.get(key, 0.0), seconds)
-    return sum(longest.values())
-
-
 STEP_ERRORS = (subprocess.CalledProcessError, ConfigError, OSError)
 
 
-def _timed(step: Step, args: argparse.Namespace, log: Path | None = None) -> tuple[str, float, Exception | None]:
+def _timed(step: Step, args: argparse.Namespace) -> tuple[str, float, Exception | None]:
     t0 = time.time()
-    _STEP_LOG.path = log  # this thread's commands write there (run_cmd)
     try:
         summary, error = step.run(args), None
     except STEP_ERRORS as e:
         summary, error = "", e
-    finally:
-        _STEP_LOG.path = None
     return summary, round(time.time() - t0, 1), error
-
-
-def run_group(steps: list[Step], args: argparse.Namespace) -> list[tuple[str, float, Exception | None]]:
-    """(summary, seconds, error) of each step; several run at once, each on its share of the cores, its output in
-    <out>/logs/<name>.log (a step's wall time then includes the slowdown of sharing the machine)."""
-    if len(steps) <= 1:
-        for step in steps:
-            print(f"[quickstart] {step.name} ...", flush=True)
-        return [_timed(step, args) for step in steps]
-    names = ", ".join(s.name for s in steps)
-    print(f"[quickstart] {names} side by side (output in {Path(args.out) / 'logs'}) ...", flush=True)
-    shared = argparse.Namespace(**{**vars(args), "threads": threads_per_proc(len(steps))})
-    logs = [Path(args.out) / "logs" / f"{s.name}.log" for s in steps]
-    with ThreadPoolExecutor(len(steps)) as pool:
-        return list(pool.map(_timed, steps, [shared] * len(steps), logs))
 
 
 def missing_run_parts(run: Path, needs: tuple[str, ...]) -> str | None:
@@ -473,34 +419,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     timing_file = Path(args.out) / "timings.json"
     timings: dict[str, float] = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
-    for group in step_groups(steps_for(args)):
-        pending = []
-        for step in group:
-            marker = done_dir / step.name
-            if marker.exists():
-                print(f"[quickstart] {step.name}: already done ({marker.read_text().strip()})")
-            else:
-                pending.append(step)
-        missing = [s for s in pending if s.needs and _missing(s.needs)]
-        if missing:
-            print(f"[quickstart] {missing[0].name}: not available yet ({missing[0].needs} is not built); stopping here")
+    for step in steps_for(args):
+        marker = done_dir / step.name
+        if marker.exists():
+            print(f"[quickstart] {step.name}: already done ({marker.read_text().strip()})")
+            continue
+        if step.needs and _missing(step.needs):
+            print(f"[quickstart] {step.name}: not available yet ({step.needs} is not built); stopping here")
             break
-        results = run_group(pending, args)
-        failed = None
-        for step, (summary, seconds, error) in zip(pending, results):
-            if error is not None:
-                failed = failed or (step, error)
-                continue
-            timings[step.name] = seconds
-            # written after every step, so the report step (and a run killed midway) sees the times so far
-            timing_file.write_text(json.dumps(timings, indent=2) + "\n")
-            (done_dir / step.name).write_text(summary + "\n")
-            print(f"[quickstart] {step.name}: {summary} ({seconds} s)")
-        if failed:
-            print(f"[quickstart] step '{failed[0].name}' failed: {failed[1]}\n"
+        print(f"[quickstart] {step.name} ...", flush=True)
+        summary, seconds, error = _timed(step, args)
+        if error is not None:
+            print(f"[quickstart] step '{step.name}' failed: {error}\n"
                   f"[quickstart] fix the cause and re-run `bash scripts/quickstart.sh` — finished steps are skipped.",
                   file=sys.stderr)
             return 1
+        timings[step.name] = seconds
+        # written after every step, so the report step (and a run killed midway) sees the times so far
+        timing_file.write_text(json.dumps(timings, indent=2) + "\n")
+        marker.write_text(summary + "\n")
+        print(f"[quickstart] {step.name}: {summary} ({seconds} s)")
     else:
         print("[quickstart] every step is done" + (f"; not built yet: {', '.join(NOT_BUILT_YET)}" if NOT_BUILT_YET
                                                    else f"; report: {Path(args.out) / 'report.md'}"))
