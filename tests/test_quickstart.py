@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,23 @@ def test_run_settings_are_recorded_once_and_a_rerun_with_others_is_refused(tmp_p
     assert "--steps-scale" in check_run_settings(args(steps_scale=2.0))
     (tmp_path / ".done" / "settings.json").write_text("{not json")
     assert "settings.json is unreadable" in check_run_settings(args())
+
+
+def test_report_lists_the_steps_done_and_the_run_settings_apart(tmp_path: Path) -> None:
+    """The report's "what each step did" names each finished step with its summary, in the order they finished; the
+    run's settings (kept beside the markers) are one line of their own, not a step."""
+    from unified_mllm.report import write_report
+
+    done = tmp_path / ".done"
+    done.mkdir()
+    (done / "settings.json").write_text(json.dumps({"fast": False, "steps_scale": 0.85, "chain": "align,mixed"}))
+    for i, (step, said) in enumerate((("data", "ShapeWorld dataset with 50000 samples"), ("align", "30 steps"))):
+        (done / step).write_text(said + "\n")
+        os.utime(done / step, (1_000_000 + i, 1_000_000 + i))
+    (tmp_path / "timings.json").write_text(json.dumps({"data": 10.0, "align": 40.0}))
+    report = write_report(tmp_path, ["align"]).read_text()
+    section = report.split("## What each step did")[1]
+    assert "Run settings: `fast` False, `steps_scale` 0.85, `chain` align,mixed." in section
+    assert "settings.json" not in section
+    assert section.index("- **data**: ShapeWorld dataset with 50000 samples") < section.index("- **align**: 30 steps")
+    assert "| **total** | **50.0** (0.8 min) |" in report

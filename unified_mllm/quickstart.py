@@ -238,7 +238,9 @@ default)."""
 def check_run_settings(args: argparse.Namespace) -> str | None:
     """Record the run's settings in ``<out>/.done/settings.json`` the first time; afterwards, the error for a re-run
     that asks for other ones (its finished steps would be skipped and the report would mix two runs), else None."""
-    path = Path(args.out) / ".done" / "settings.json"
+    from unified_mllm.report import RUN_SETTINGS_FILE
+
+    path = Path(args.out) / ".done" / RUN_SETTINGS_FILE
     now = {k: getattr(args, k) for k in RUN_SETTINGS} | {"chain": ",".join(_chain(args))}
     if path.is_file():
         parser = build_parser()

@@ -16,6 +16,8 @@ TARGETS = {
     "generation single object (held-in)": ("generation", "heldin", "single_object", 0.90),
 }
 """The quickstart's targets (issue 10): name → (direction, split, category, minimum)."""
+RUN_SETTINGS_FILE = "settings.json"
+"""In ``<run>/.done/`` beside the step markers: the settings the run was made with (``quickstart.check_run_settings``)."""
 
 
 def _records(metrics: Path) -> list[dict]:
@@ -105,7 +107,15 @@ def write_report(run: Path, chain: list[str]) -> Path:
     done = run / ".done"
     if done.is_dir():
         lines += ["## What each step did", ""]
-        lines += [f"- **{p.name}**: {p.read_text().strip()}" for p in sorted(done.iterdir(), key=lambda p: p.stat().st_mtime)]
+        settings = done / RUN_SETTINGS_FILE
+        if settings.is_file():
+            try:
+                said = ", ".join(f"`{k}` {v}" for k, v in json.loads(settings.read_text()).items())
+            except (json.JSONDecodeError, AttributeError):
+                said = f"unreadable ({settings})"
+            lines += [f"Run settings: {said}.", ""]
+        markers = sorted((p for p in done.iterdir() if p.name != RUN_SETTINGS_FILE), key=lambda p: p.stat().st_mtime)
+        lines += [f"- **{p.name}**: {p.read_text().strip()}" for p in markers]
         lines.append("")
     curves = loss_curves(run, chain, run / "loss_curves.png")
     if curves:
