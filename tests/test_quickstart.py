@@ -194,8 +194,9 @@ def test_run_settings_are_recorded_once_and_a_rerun_with_others_is_refused(tmp_p
 
 
 def test_report_lists_the_steps_done_and_the_run_settings_apart(tmp_path: Path) -> None:
-    """The report's "what each step did" names each finished step with its summary, in the order they finished; the
-    run's settings (kept beside the markers) are one line of their own, not a step."""
+    """The report's "what each step did" names each finished step with its summary, in the pipeline's order (also in a
+    copied run, whose files carry the copy's times); the run's settings (kept beside the markers) are one line of their
+    own, not a step, and an unreadable settings file is named there instead of stopping the report."""
     from unified_mllm.report import write_report
 
     done = tmp_path / ".done"
@@ -203,7 +204,7 @@ def test_report_lists_the_steps_done_and_the_run_settings_apart(tmp_path: Path) 
     (done / "settings.json").write_text(json.dumps({"fast": False, "steps_scale": 0.85, "chain": "align,mixed"}))
     for i, (step, said) in enumerate((("data", "ShapeWorld dataset with 50000 samples"), ("align", "30 steps"))):
         (done / step).write_text(said + "\n")
-        os.utime(done / step, (1_000_000 + i, 1_000_000 + i))
+        os.utime(done / step, (2_000_000 - i, 2_000_000 - i))  # data written last, as a copy may leave it
     (tmp_path / "timings.json").write_text(json.dumps({"data": 10.0, "align": 40.0}))
     report = write_report(tmp_path, ["align"]).read_text()
     section = report.split("## What each step did")[1]
@@ -211,3 +212,8 @@ def test_report_lists_the_steps_done_and_the_run_settings_apart(tmp_path: Path) 
     assert "settings.json" not in section
     assert section.index("- **data**: ShapeWorld dataset with 50000 samples") < section.index("- **align**: 30 steps")
     assert "| **total** | **50.0** (0.8 min) |" in report
+
+    (done / "settings.json").write_text("[1, 2]")
+    section = write_report(tmp_path, ["align"]).read_text().split("## What each step did")[1]
+    assert f"Run settings: {done / 'settings.json'} is unreadable (a JSON list, not an object)." in section
+    assert "- **data**: ShapeWorld dataset with 50000 samples" in section and "- **align**: 30 steps" in section

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unified_mllm.config import PROJECT_ROOT, STAGE_CONFIG_CLASSES, ConfigError, load_stage_config
+from unified_mllm.report import RUN_SETTINGS_FILE, run_settings
 
 
 @dataclass
@@ -238,16 +239,15 @@ default)."""
 def check_run_settings(args: argparse.Namespace) -> str | None:
     """Record the run's settings in ``<out>/.done/settings.json`` the first time; afterwards, the error for a re-run
     that asks for other ones (its finished steps would be skipped and the report would mix two runs), else None."""
-    from unified_mllm.report import RUN_SETTINGS_FILE
-
     path = Path(args.out) / ".done" / RUN_SETTINGS_FILE
     now = {k: getattr(args, k) for k in RUN_SETTINGS} | {"chain": ",".join(_chain(args))}
-    if path.is_file():
+    try:
+        recorded = run_settings(Path(args.out))
+    except ValueError as e:
+        return f"{e}; delete it and re-run to record this run's settings"
+    if recorded is not None:
         parser = build_parser()
-        try:
-            before = {**{k: parser.get_default(k) for k in RUN_SETTINGS}, **json.loads(path.read_text())}
-        except (json.JSONDecodeError, TypeError) as e:
-            return f"{path} is unreadable ({e}); delete it and re-run to record this run's settings"
+        before = {**{k: parser.get_default(k) for k in RUN_SETTINGS}, **recorded}
         changed = [k for k in RUN_SETTINGS if before[k] != now[k]]
         if changed:
             said = ", ".join(f"--{k.replace('_', '-')} {before[k]!r} then, {now[k]!r} now" for k in changed)

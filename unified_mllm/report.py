@@ -20,6 +20,21 @@ RUN_SETTINGS_FILE = "settings.json"
 """In ``<run>/.done/`` beside the step markers: the settings the run was made with (``quickstart.check_run_settings``)."""
 
 
+def run_settings(run: Path) -> dict | None:
+    """The settings a quickstart run recorded (None where it recorded none); ValueError naming the file where it cannot
+    be read as a JSON object."""
+    path = Path(run) / ".done" / RUN_SETTINGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is unreadable ({e})") from e
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} is unreadable (a JSON {type(settings).__name__}, not an object)")
+    return settings
+
+
 def _records(metrics: Path) -> list[dict]:
     if not metrics.is_file():
         return []
@@ -104,18 +119,17 @@ def write_report(run: Path, chain: list[str]) -> Path:
         lines += ["## Steps", "", "| step | seconds |", "|---|---:|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
         lines += [f"| **total** | **{total:.1f}** ({total / 60:.1f} min) |", ""]
-    done = run / ".done"
-    if done.is_dir():
+    # the steps in the pipeline's order, as timed (timings.json keeps it across re-runs; file times do not survive a copy)
+    markers = [m for m in (run / ".done" / name for name in timings) if m.is_file()]
+    if markers:
         lines += ["## What each step did", ""]
-        settings = done / RUN_SETTINGS_FILE
-        if settings.is_file():
-            try:
-                said = ", ".join(f"`{k}` {v}" for k, v in json.loads(settings.read_text()).items())
-            except (json.JSONDecodeError, AttributeError):
-                said = f"unreadable ({settings})"
-            lines += [f"Run settings: {said}.", ""]
-        markers = sorted((p for p in done.iterdir() if p.name != RUN_SETTINGS_FILE), key=lambda p: p.stat().st_mtime)
-        lines += [f"- **{p.name}**: {p.read_text().strip()}" for p in markers]
+        try:
+            settings = run_settings(run)
+            if settings:
+                lines += ["Run settings: " + ", ".join(f"`{k}` {v}" for k, v in settings.items()) + ".", ""]
+        except ValueError as e:
+            lines += [f"Run settings: {e}.", ""]
+        lines += [f"- **{m.name}**: {m.read_text().strip()}" for m in markers]
         lines.append("")
     curves = loss_curves(run, chain, run / "loss_curves.png")
     if curves:
