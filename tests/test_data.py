@@ -165,6 +165,32 @@ def test_a_task_can_have_its_own_micro_batch_size(tmp_path: Path, builder: Sampl
                    task_ratio={"understanding": 0.5, "generaton": 0.5})
 
 
+def test_a_task_can_have_its_own_row_length(tmp_path: Path, builder: SampleBuilder) -> None:
+    """data.task_max_seq_len: generation rows packed to 24 tokens beside understanding rows of 64 (max_seq_len). The
+    understanding batches are the same as without it, a sample longer than its task's length is a counted skip naming
+    that field, and a task the recipe lacks is one error naming the field."""
+    plain, short = make_stream(tmp_path, builder), make_stream(tmp_path, builder, task_max_seq_len={"generation": 24})
+    a, b = [next(plain) for _ in range(30)], [next(short) for _ in range(30)]
+    assert [x["task"] for x in a] == [x["task"] for x in b]
+    gen_widths = []
+    for x, y in zip(a, b):
+        if x["task"] == "understanding":
+            assert torch.equal(x["input_ids"], y["input_ids"]) and x["records"] == y["records"]
+        else:
+            assert y["input_ids"].shape[1] <= 24
+            gen_widths.append((x["input_ids"].shape[1], y["input_ids"].shape[1]))
+    assert gen_widths and all(long > 24 for long, _ in gen_widths)  # the default packs more images a row
+    tight = make_stream(tmp_path, builder, task_max_seq_len={"understanding": 16})
+    status, reason, message = tight.build({**tight.records["vqa"][0], "_epoch": 0})
+    assert (status, reason) == ("bad", "too_long") and "> data.task_max_seq_len.understanding 16" in message
+    assert tight.build({**tight.records["t2i"][0], "_epoch": 0})[0] == "ok"  # max_seq_len (64) for generation
+    with pytest.raises(ValueError, match=r"task understanding: 10,000 bad samples in a row \(vqa/too_long"):
+        for _ in range(30):
+            next(tight)
+    with pytest.raises(ValueError, match=r"data.task_max_seq_len: \['text'\] not a task"):
+        make_stream(tmp_path, builder, task_max_seq_len={"text": 32})
+
+
 def test_bad_sample_policy_error_names_the_fix(tmp_path: Path, builder: SampleBuilder) -> None:
     stream = make_stream(tmp_path, builder, on_bad_sample="error")
     with pytest.raises(ValueError, match="on_bad_sample: skip"):

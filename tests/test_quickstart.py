@@ -30,6 +30,12 @@ def test_fast_quickstart_runs_and_resumes(tmp_path: Path) -> None:
     for step in steps:
         assert (out / ".done" / step).is_file(), step
     assert (out / "wintok" / "model.safetensors").is_file()
+    # the tokenizer stage ran under the launcher as the MLLM stages do, its batch of 8 split over the processes
+    from unified_mllm.quickstart import stage_procs
+
+    meta = json.loads(next((out / "wintok_train" / "checkpoints").glob("*/meta.json")).read_text())
+    assert meta["world_size"] == stage_procs()
+    assert meta["config"]["optim"]["micro_batch_size"] * stage_procs() == 8
     assert set(json.loads((out / "timings.json").read_text())) >= {"data", "teacher", "tokenizer", "probe"}
     probe = json.loads((out / "wintok_train" / "probe.json").read_text())
     assert {"kind", "colour", "count"} <= set(probe)
@@ -128,6 +134,15 @@ def test_stage_command_splits_the_presets_batch_over_the_processes() -> None:
     # … and only the last stage: align keeps its preset's steps
     align = set_args(stage_command(argparse.Namespace(**{**vars(args), "steps_scale": 3.0}), "align", None, procs=2))
     assert not any(s.startswith("optim.max_steps=") for s in align)
+    # the tokenizer stage runs under the launcher too, its batch of 16 (8 in the fast run) split over the processes
+    from unified_mllm.quickstart import tokenizer_command
+
+    tok = tokenizer_command(Path("runs/x"), 2)
+    assert tok[tok.index("--num_gpus") + 1] == "2" and tok[tok.index("--stage") + 1] == "tokenizer"
+    micro = load_stage_config("tokenizer").optim.micro_batch_size
+    assert [s for s in set_args(tok) if s.startswith("optim.micro_batch_size=")] == [f"optim.micro_batch_size={micro // 2}"]
+    fast = set_args(tokenizer_command(Path("runs/x"), 2, fast=True))
+    assert "optim.micro_batch_size=4" in fast and "optim.max_steps=6" in fast
     # with --fast, the fast steps are scaled and given once, and the fast curve has its two points
     fast_args = argparse.Namespace(out="runs/x", fast=True, chain="align,mixed", steps_scale=2.0)
     fast = set_args(stage_command(fast_args, "mixed", "align", procs=2))

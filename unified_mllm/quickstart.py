@@ -66,22 +66,26 @@ def step_teacher(args: argparse.Namespace) -> str:
             f"presence {meta['val_exact_presence_acc']}, per-cell objects {meta['val_exact_cells_acc']})")
 
 
-def _stage_overrides(args: argparse.Namespace) -> list[str]:
-    out = Path(args.out)
-    sets = [f"checkpoint.output_dir={out / 'wintok_train'}", "logging.progress_bar=false",
-            f"data.images={out / 'data' / 'shapeworld' / 'images' / 'train'}",
-            f"data.eval_images={out / 'data' / 'shapeworld' / 'images' / 'test_heldin'}",
-            f"teacher.path={out / 'teacher'}"]
-    if args.fast:
-        sets += ["optim.max_steps=6", "optim.micro_batch_size=8", "checkpoint.save_every=3", "logging.log_every=1"]
-    return sets
+def tokenizer_command(run: Path, procs: int, fast: bool = False, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The DeepSpeed-launcher command of the tokenizer stage on a quickstart run's data and teacher, as the MLLM stages
+    run: ``procs`` processes, each with its share of the preset's batch of 16 images (8 in the fast run). On 2 cores two
+    single-threaded processes ran 1.27× the images/s of one process on two threads, and reached judge agreement 0.992
+    against 0.988 (NOTES.md, session 23; ``python scripts/bench/procs.py --stage tokenizer`` measures it)."""
+    run = Path(run)
+    micro = 8 if fast else load_stage_config("tokenizer").optim.micro_batch_size
+    sets = [f"checkpoint.output_dir={run / 'wintok_train'}", "logging.progress_bar=false",
+            f"data.images={run / 'data' / 'shapeworld' / 'images' / 'train'}",
+            f"data.eval_images={run / 'data' / 'shapeworld' / 'images' / 'test_heldin'}",
+            f"teacher.path={run / 'teacher'}",
+            f"optim.micro_batch_size={micro_batch_per_proc('tokenizer', micro, procs)}"]
+    if fast:
+        sets += ["optim.max_steps=6", "checkpoint.save_every=3", "logging.log_every=1"]
+    return launcher_prefix(procs) + ["--stage", "tokenizer", *(x for item in [*sets, *extra] for x in ("--set", item))]
 
 
 def step_tokenizer(args: argparse.Namespace) -> str:
-    cmd = [sys.executable, str(PROJECT_ROOT / "train_stage.py"), "--stage", "tokenizer"]
-    for item in _stage_overrides(args):
-        cmd += ["--set", item]
-    run_cmd(cmd)
+    procs = stage_procs()
+    run_cmd(tokenizer_command(Path(args.out), procs, args.fast), env=stage_env(args, procs))
     export = Path(args.out) / "wintok_train" / "export"
     link = Path(args.out) / "wintok"
     if link.is_symlink() or link.exists():
@@ -162,12 +166,13 @@ def launcher_command(run: Path, stage: str, output_dir: Path, init_from: Path | 
     sets = [f"model.wintok={run / 'wintok'}", f"model.llm.text_tokenizer={run / 'text_tokenizer'}",
             f"model.init_from={init_from if init_from else 'null'}", f"checkpoint.output_dir={output_dir}",
             f"deepspeed.config=stage_configs/deepspeed/{zero}.json", "logging.progress_bar=false", *extra]
+    return launcher_prefix(procs) + ["--stage", stage, *(x for item in sets for x in ("--set", item))]
+
+
+def launcher_prefix(procs: int) -> list[str]:
+    """``deepspeed --num_gpus procs --master_port <free> train_stage.py``: the start of a stage's launcher command."""
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    cmd = [deepspeed, "--num_gpus", str(procs), "--master_port", str(_free_port()), str(PROJECT_ROOT / "train_stage.py"),
-           "--stage", stage]
-    for item in sets:
-        cmd += ["--set", item]
-    return cmd
+    return [deepspeed, "--num_gpus", str(procs), "--master_port", str(_free_port()), str(PROJECT_ROOT / "train_stage.py")]
 
 
 CURVE_POINTS = 4
@@ -175,9 +180,9 @@ CURVE_POINTS = 4
 
 
 def stage_procs() -> int:
-    """Processes per MLLM stage: two where there are two cores or more. On 2 cores, two single-threaded processes ran
-    the mixed stage 1.23–1.34× faster per step than one process on two threads (NOTES.md, session 7;
-    `scripts/bench/procs.py` measures it): this model's ops are too
+    """Processes per training stage: two where there are two cores or more. On 2 cores, two single-threaded processes
+    ran the mixed stage 1.23–1.34× faster per step than one process on two threads (NOTES.md, session 7;
+    `scripts/bench/procs.py` measures it), and the tokenizer stage 1.27× (session 23): these models' ops are too
     small for intra-op threading to pay."""
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 

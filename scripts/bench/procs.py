@@ -1,13 +1,15 @@
-"""One process on every core against one single-threaded process per core, for one MLLM stage on CPU.
+"""One process on every core against one single-threaded process per core, for one training stage on CPU.
 
-    python scripts/bench/procs.py [--run runs/quickstart] [--stage mixed] [--steps 100] [--procs 2] [--json J]
+    python scripts/bench/procs.py [--run runs/quickstart] [--stage mixed|tokenizer|…] [--steps 100] [--procs 2]
+        [--json J]
 
-The quickstart runs its MLLM stages as ``stage_procs()`` processes with the cores shared out among them; this
+The quickstart runs its training stages as ``stage_procs()`` processes with the cores shared out among them; this
 measures that choice against the plain alternative (one process, intra-op threads on every core) in the same run:
-the same stage, steps and global batch (the preset's micro-batch split over the processes), from the run's
-``align`` export. Time is the wall time between the logged steps ``--warm`` and the last (start-up, the first
-compile of DeepSpeed's ops and the final export left out); tokens/s per step kind come from ``tokens_per_s/<task>``
-in ``metrics.jsonl``. Prints both rows and the ratio (>1: the multi-process form is faster).
+the same stage, steps and global batch (the preset's micro-batch split over the processes), an MLLM stage from the
+run's ``align`` export, the tokenizer stage from scratch on the run's data and teacher. Time is the wall time between
+the logged steps ``--warm`` and the last (start-up, the first compile of DeepSpeed's ops and the final export left
+out); tokens/s per step kind come from ``tokens_per_s/<task>`` in ``metrics.jsonl`` (images/s for the tokenizer).
+Prints both rows and the ratio (>1: the multi-process form is faster).
 Needs what the quickstart made under ``--run`` (``bash scripts/quickstart.sh``).
 """
 
@@ -24,13 +26,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def timed_window(metrics: Path, warm: int) -> dict:
-    from unified_mllm.quickstart import per_task, step_records
+    from unified_mllm.quickstart import per_task
 
-    recs = step_records(metrics)
+    recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    recs = [r for r in recs if "step" in r and "time" in r]  # logged steps (messages left out)
     first = next(r for r in recs if r["step"] >= warm)
     after = [r for r in recs if r["step"] > first["step"]]
+    rates = per_task(after, "tokens_per_s")
+    if not rates and after and "images_per_s" in after[0]:  # the tokenizer stage
+        rates = {"images": [r["images_per_s"] for r in after]}
     return {"steps": recs[-1]["step"] - first["step"], "seconds": recs[-1]["time"] - first["time"],
-            "tokens_per_s_by_task": {t: sum(v) / len(v) for t, v in per_task(after, "tokens_per_s").items()}}
+            "tokens_per_s_by_task": {t: sum(v) / len(v) for t, v in rates.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         missing_run_parts,
         run_env,
         threads_per_proc,
+        tokenizer_command,
     )
 
-    if error := missing_run_parts(run, ("wintok", "text_tokenizer", "pretokenized", "align/export")):
+    needs = ("data/shapeworld/images/train", "teacher") if a.stage == "tokenizer" else (
+        "wintok", "text_tokenizer", "pretokenized", "align/export")
+    if error := missing_run_parts(run, needs):
         print(error, file=sys.stderr)
         return 2
     optim = load_stage_config(a.stage).optim
@@ -66,9 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_procs_") as tmp:
         for procs in (1, a.procs):
             out = Path(tmp) / f"p{procs}"
-            cmd = launcher_command(run, a.stage, out, run / "align" / "export", procs=procs, extra=[
-                f"optim.max_steps={a.steps}", *batch_sets_per_proc(a.stage, optim, procs),
-                "logging.log_every=10", f"checkpoint.save_every={a.steps + 1}"])
+            common = [f"optim.max_steps={a.steps}", "logging.log_every=10", f"checkpoint.save_every={a.steps + 1}"]
+            if a.stage == "tokenizer":  # its batch split as the quickstart splits it; no eval at the end
+                cmd = tokenizer_command(run, procs, extra=[f"checkpoint.output_dir={out}", "data.eval_images=",
+                                                           *common])
+            else:
+                cmd = launcher_command(run, a.stage, out, run / "align" / "export", procs=procs,
+                                       extra=[*batch_sets_per_proc(a.stage, optim, procs), *common])
             # both forms get the whole machine, whatever OMP_NUM_THREADS the caller has set
             env = {**run_env(run), "OMP_NUM_THREADS": str(threads_per_proc(procs))}
             res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -80,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                          **timed_window(out / "metrics.jsonl", a.warm)})
     for r in rows:
         kinds = ", ".join(f"{t} {v:,.0f}" for t, v in r["tokens_per_s_by_task"].items())
+        unit = "images/s" if a.stage == "tokenizer" else "tokens/s"
         print(f"{r['procs']} process(es) × {r['threads_per_proc']} thread(s): {r['steps']} steps in "
-              f"{r['seconds']:.1f} s ({r['seconds'] / r['steps']:.3f} s/step); tokens/s {kinds}")
+              f"{r['seconds']:.1f} s ({r['seconds'] / r['steps']:.3f} s/step); {unit} {kinds}")
     ratio = (rows[0]["seconds"] / rows[0]["steps"]) / (rows[1]["seconds"] / rows[1]["steps"])
     print(f"ratio (time per step, 1 process / {a.procs} processes): {ratio:.2f}x")
     if a.json:

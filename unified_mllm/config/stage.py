@@ -148,6 +148,10 @@ class DataConfig:
     """Data recipe YAML (sources, weights, tasks), relative to the project root or absolute."""
     max_seq_len: int = 2048
     """Context length of a training sequence (tokens, image slots included)."""
+    task_max_seq_len: dict[str, int] = field(default_factory=dict)
+    """Stage mixed: the context length of one task's sequences, e.g. {generation: 256}; a task not named uses
+    max_seq_len. With packing, a shorter generation row holds fewer images, so a generation step costs less while the
+    understanding rows keep their length (NOTES.md, session 23)."""
     packing: bool = True
     """Pack samples to max_seq_len with position ids restarting per sample and no cross-sample attention; false pads."""
     template: str = "auto"
@@ -163,6 +167,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check(self.max_seq_len >= 16, "max_seq_len", f"must be >= 16, got {self.max_seq_len}")
+        for task, length in self.task_max_seq_len.items():
+            check(length >= 16, f"task_max_seq_len.{task}", f"must be >= 16, got {length}")  # the loader checks the task
         check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
 
 

@@ -36,10 +36,12 @@ AHEAD_PER_WORKER = 16
 
 
 def check_task_names(field: str, names, tasks, recipe_path: str) -> None:
-    """A per-task optim field (task_ratio, task_micro_batch_size, task_lr_scale) that names a task the recipe does
-    not have is one error naming the field: a misspelt task would otherwise be ignored without a word."""
+    """A per-task field (optim.task_ratio, optim.task_micro_batch_size, optim.task_lr_scale, data.task_max_seq_len;
+    ``field`` without a section is optim's) that names a task the recipe does not have is one error naming the field: a
+    misspelt task would otherwise be ignored without a word."""
     if unknown := sorted(set(names) - set(tasks)):
-        raise ValueError(f"optim.{field}: {unknown} not a task of {recipe_path} (tasks: {sorted(tasks)})")
+        name = field if "." in field else f"optim.{field}"
+        raise ValueError(f"{name}: {unknown} not a task of {recipe_path} (tasks: {sorted(tasks)})")
 
 
 class DataStream:
@@ -66,6 +68,7 @@ class DataStream:
             raise ValueError(f"optim.task_ratio: no task of {recipe_path} has a share > 0 ({task_ratio})")
         self.task_micro_batch_size = dict(task_micro_batch_size or {})
         check_task_names("task_micro_batch_size", self.task_micro_batch_size, by_task, recipe_path)
+        check_task_names("data.task_max_seq_len", data_cfg.task_max_seq_len, by_task, recipe_path)
         self.rng = random.Random(f"{seed}:mixture")
         # The task of each micro-batch is drawn from its own generator, one draw per batch, so every rank draws the
         # same task sequence: the source draws above vary per rank (packing fits a different number of samples), and
@@ -111,15 +114,20 @@ class DataStream:
         rng = random.Random(f"{self.seed}:{rec['source']}:{rec['_epoch']}:{rec['index']}")
         try:
             sample = self.builder.build(rec, rng)
-            if len(sample.input_ids) > self.cfg.max_seq_len:
+            if len(sample.input_ids) > self.max_len(sample.task):
+                name = "task_max_seq_len." + sample.task if sample.task in self.cfg.task_max_seq_len else "max_seq_len"
                 raise BadSample("too_long", f"record {rec['index']} of {rec['source']}: {len(sample.input_ids)} "
-                                            f"tokens > data.max_seq_len {self.cfg.max_seq_len}")
+                                            f"tokens > data.{name} {self.max_len(sample.task)}")
             und = [self.features.get(ref) for ref in sample.und_images]
             gen = [(sem if self.gen_semantic else None, codes)
                    for sem, codes in (self.features.get(ref) for ref in sample.gen_images)]
             return "ok", sample, und, gen
         except BadSample as e:
             return "bad", e.reason, str(e)
+
+    def max_len(self, task: str) -> int:
+        """The context length of ``task``'s sequences."""
+        return self.cfg.task_max_seq_len.get(task, self.cfg.max_seq_len)
 
     def _next_sample(self, task: str):
         in_a_row: Counter = Counter()
@@ -180,14 +188,14 @@ class DataStream:
     def __next__(self) -> dict:
         task = self.task_rng.choices(list(self.task_weights), weights=list(self.task_weights.values()))[0]
         rows: list[list] = []
-        pending = None
+        pending, max_len = None, self.max_len(task)
         while len(rows) < self.task_micro_batch_size.get(task, self.micro_batch_size):
             row, length = [], 0
             while True:
                 item = pending or self._next_sample(task)
                 pending = None
                 n = len(item[0].input_ids)
-                if row and (not self.cfg.packing or length + n > self.cfg.max_seq_len):
+                if row and (not self.cfg.packing or length + n > max_len):
                     pending = item
                     break
                 row.append(item)
@@ -197,7 +205,7 @@ class DataStream:
             rows.append(row)
         if pending is not None:  # a sample that did not fit is not lost: its record is replayed next time
             self._unread(pending[0].source)
-        return collate(rows, self.features, self.builder.special_ids["pad_id"], self.cfg.packing, self.cfg.max_seq_len)
+        return collate(rows, self.features, self.builder.special_ids["pad_id"], self.cfg.packing, max_len)
 
     def _unread(self, name: str) -> None:
         if self.cursor[name] > 0:
