@@ -69,8 +69,9 @@ def step_teacher(args: argparse.Namespace) -> str:
 def tokenizer_command(run: Path, procs: int, fast: bool = False, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The DeepSpeed-launcher command of the tokenizer stage on a quickstart run's data and teacher, as the MLLM stages
     run: ``procs`` processes, each with its share of the preset's batch of 16 images (8 in the fast run). On 2 cores two
-    single-threaded processes ran 1.27× the images/s of one process on two threads, and reached judge agreement 0.992
-    against 0.988 (NOTES.md, session 23; ``python scripts/bench/procs.py --stage tokenizer`` measures it)."""
+    single-threaded processes ran 0.99–1.27× (mean 1.13×) the steps per second of one process on two threads in five
+    side-by-side measurements on a noisy machine, and reached judge agreement 0.992 against 0.988 (NOTES.md, session
+    23; ``python scripts/bench/procs.py --stage tokenizer`` measures it)."""
     run = Path(run)
     micro = 8 if fast else load_stage_config("tokenizer").optim.micro_batch_size
     sets = [f"checkpoint.output_dir={run / 'wintok_train'}", "logging.progress_bar=false",
@@ -182,8 +183,8 @@ CURVE_POINTS = 4
 def stage_procs() -> int:
     """Processes per training stage: two where there are two cores or more. On 2 cores, two single-threaded processes
     ran the mixed stage 1.23–1.34× faster per step than one process on two threads (NOTES.md, session 7;
-    `scripts/bench/procs.py` measures it), and the tokenizer stage 1.27× (session 23): these models' ops are too
-    small for intra-op threading to pay."""
+    `scripts/bench/procs.py` measures it), and the tokenizer stage 1.13× on average (session 23): these models'
+    ops are too small for intra-op threading to pay."""
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
