@@ -31,11 +31,15 @@ def test_fast_quickstart_runs_and_resumes(tmp_path: Path) -> None:
         assert (out / ".done" / step).is_file(), step
     assert (out / "wintok" / "model.safetensors").is_file()
     # the tokenizer stage ran under the launcher as the MLLM stages do, its batch of 8 split over the processes
-    from unified_mllm.quickstart import stage_procs
+    from unified_mllm.quickstart import FAST_TOKENIZER_BATCH, stage_procs
 
     meta = json.loads(next((out / "wintok_train" / "checkpoints").glob("*/meta.json")).read_text())
     assert meta["world_size"] == stage_procs()
-    assert meta["config"]["optim"]["micro_batch_size"] * stage_procs() == 8
+    assert meta["config"]["optim"]["micro_batch_size"] * stage_procs() == FAST_TOKENIZER_BATCH == 8
+    # its logged steps read as the MLLM stages' do (scripts/bench/procs.py times both through step_records)
+    from unified_mllm.quickstart import step_records
+
+    assert [r["step"] for r in step_records(out / "wintok_train" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
     assert set(json.loads((out / "timings.json").read_text())) >= {"data", "teacher", "tokenizer", "probe"}
     probe = json.loads((out / "wintok_train" / "probe.json").read_text())
     assert {"kind", "colour", "count"} <= set(probe)

@@ -73,15 +73,14 @@ def tokenizer_command(run: Path, procs: int, fast: bool = False, extra: list[str
     side-by-side measurements on a noisy machine, and reached judge agreement 0.992 against 0.988 (NOTES.md, session
     23; ``python scripts/bench/procs.py --stage tokenizer`` measures it)."""
     run = Path(run)
-    micro = 8 if fast else load_stage_config("tokenizer").optim.micro_batch_size
+    micro = FAST_TOKENIZER_BATCH if fast else load_stage_config("tokenizer").optim.micro_batch_size
     sets = [f"checkpoint.output_dir={run / 'wintok_train'}", "logging.progress_bar=false",
             f"data.images={run / 'data' / 'shapeworld' / 'images' / 'train'}",
             f"data.eval_images={run / 'data' / 'shapeworld' / 'images' / 'test_heldin'}",
             f"teacher.path={run / 'teacher'}",
-            f"optim.micro_batch_size={micro_batch_per_proc('tokenizer', micro, procs)}"]
-    if fast:
-        sets += ["optim.max_steps=6", "checkpoint.save_every=3", "logging.log_every=1"]
-    return launcher_prefix(procs) + ["--stage", "tokenizer", *(x for item in [*sets, *extra] for x in ("--set", item))]
+            f"optim.micro_batch_size={micro_batch_per_proc('tokenizer', micro, procs)}",
+            *((f"optim.max_steps={FAST_STEPS}", *FAST_STAGE) if fast else ()), *extra]
+    return launcher(procs, "tokenizer", sets)
 
 
 def step_tokenizer(args: argparse.Namespace) -> str:
@@ -158,6 +157,8 @@ FAST_STEPS = 6
 FAST_MICRO_BATCH = 4
 FAST_STAGE = ["checkpoint.save_every=3", "logging.log_every=1"]
 """The fast run's settings for every stage, beside its steps (FAST_STEPS) and micro-batch (FAST_MICRO_BATCH)."""
+FAST_TOKENIZER_BATCH = 8
+"""The fast run's tokenizer-stage batch of images (split over the processes as the preset's 16 are)."""
 
 
 def launcher_command(run: Path, stage: str, output_dir: Path, init_from: Path | None, zero: str = "zero2",
@@ -167,13 +168,15 @@ def launcher_command(run: Path, stage: str, output_dir: Path, init_from: Path | 
     sets = [f"model.wintok={run / 'wintok'}", f"model.llm.text_tokenizer={run / 'text_tokenizer'}",
             f"model.init_from={init_from if init_from else 'null'}", f"checkpoint.output_dir={output_dir}",
             f"deepspeed.config=stage_configs/deepspeed/{zero}.json", "logging.progress_bar=false", *extra]
-    return launcher_prefix(procs) + ["--stage", stage, *(x for item in sets for x in ("--set", item))]
+    return launcher(procs, stage, sets)
 
 
-def launcher_prefix(procs: int) -> list[str]:
-    """``deepspeed --num_gpus procs --master_port <free> train_stage.py``: the start of a stage's launcher command."""
+def launcher(procs: int, stage: str, sets: list[str]) -> list[str]:
+    """``deepspeed --num_gpus procs --master_port <free> train_stage.py --stage stage --set …``: a training stage's
+    command under the DeepSpeed launcher (the tokenizer stage's and the MLLM stages')."""
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    return [deepspeed, "--num_gpus", str(procs), "--master_port", str(_free_port()), str(PROJECT_ROOT / "train_stage.py")]
+    return [deepspeed, "--num_gpus", str(procs), "--master_port", str(_free_port()), str(PROJECT_ROOT / "train_stage.py"),
+            "--stage", stage, *(x for item in sets for x in ("--set", item))]
 
 
 CURVE_POINTS = 4
@@ -278,9 +281,9 @@ def stage_summary(metrics: Path) -> dict:
 
 
 def step_records(metrics: Path) -> list[dict]:
-    """The logged-step records of a stage's metrics.jsonl (messages left out)."""
+    """The logged-step records of a stage's metrics.jsonl, the tokenizer stage's too (messages left out)."""
     recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-    return [r for r in recs if "loss" in r]
+    return [r for r in recs if "step" in r]
 
 
 def per_task(records: list[dict], name: str) -> dict[str, list[float]]:

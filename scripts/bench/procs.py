@@ -26,10 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def timed_window(metrics: Path, warm: int) -> dict:
-    from unified_mllm.quickstart import per_task
+    from unified_mllm.quickstart import per_task, step_records
 
-    recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-    recs = [r for r in recs if "step" in r and "time" in r]  # logged steps (messages left out)
+    recs = step_records(metrics)
     first = next(r for r in recs if r["step"] >= warm)
     after = [r for r in recs if r["step"] > first["step"]]
     rates = per_task(after, "tokens_per_s")
