@@ -143,6 +143,48 @@ def test_sdpa_packed_equals_sdpa(assets: Path, arch: str) -> None:
     assert torch.equal(plain.llm.generate(prompt, **kw), packed.llm.generate(prompt, **kw))
 
 
+def test_sdpa_packed_attends_in_fp32_on_cpu_under_bf16() -> None:
+    """Under CPU autocast (the bf16_autocast precision) the packed attention still computes in fp32: the same output
+    as without autocast, to the bit, where autocast's own bf16 attention differs by ~1e-2. Fed bf16 tensors (a bf16
+    model) it computes in fp32 and returns bf16."""
+    from types import SimpleNamespace
+
+    from unified_mllm.model.packed_attention import packed_sdpa_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 40, 16, generator=g) for h in (4, 2, 2))
+    pos = torch.cat([torch.arange(13), torch.arange(27)]).repeat(2, 1)
+    module = SimpleNamespace(training=False)
+    fp32, _ = packed_sdpa_attention(module, q, k, v, None, position_ids=pos)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto, _ = packed_sdpa_attention(module, q, k, v, None, position_ids=pos)
+        lossy = torch.nn.functional.scaled_dot_product_attention(q[:, :, :13], k[:, :, :13].repeat(1, 2, 1, 1),
+                                                                 v[:, :, :13].repeat(1, 2, 1, 1), is_causal=True)
+    assert auto.dtype == torch.float32 and torch.equal(auto, fp32)
+    assert lossy.dtype == torch.bfloat16  # what the kernel would otherwise have done
+    half, _ = packed_sdpa_attention(module, q.bfloat16(), k.bfloat16(), v.bfloat16(), None, position_ids=pos)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), fp32, atol=3e-2, rtol=3e-2)
+
+
+def test_depth_head_under_cpu_autocast_matches_fp32(assets: Path) -> None:
+    """The depth head under CPU autocast (its 4-position attention on the math kernel there) gives the fp32 logits
+    within bf16's precision, teacher-forced and step by step."""
+    model, _, _ = build(assets)
+    head = model.gen_head.eval()
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(6, 32, generator=g)
+    codes = torch.randint(0, head.codebook_size, (6, head.num_codebooks), generator=g)
+    with torch.no_grad():
+        ref = head(hidden, codes)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = head(hidden, codes)
+            step = head.next_logits(hidden, codes[:, :2])
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(step.float(), ref[:, 2], atol=5e-2, rtol=5e-2)
+
+
 def test_image_slot_mismatch_raises(assets: Path) -> None:
     model, tok, _ = build(assets)
     ua, la = understanding_sample(model, tok)

@@ -18,7 +18,12 @@ from unified_mllm.config import ConfigError, load_config
 from unified_mllm.config.stage import StageConfig
 from unified_mllm.training.checkpoint import CheckpointManager, _from_safe, _to_safe
 from unified_mllm.training.distributed import extensions_root
-from unified_mllm.training.ds_config import build_ds_config, zero_stage
+from unified_mllm.training.ds_config import (
+    build_ds_config,
+    cpu_has_native_bf16,
+    resolve_precision,
+    zero_stage,
+)
 from unified_mllm.training.rng import rng_state, set_rng_state
 from unified_mllm.training.schedule import lr_factor
 
@@ -41,10 +46,33 @@ def test_ds_config_fills_every_auto(name: str, stage: int) -> None:
     cfg = load_config(StageConfig, {"deepspeed": {"config": f"stage_configs/deepspeed/{name}.json"},
                                     "optim": {"micro_batch_size": 3, "grad_accum": 2, "grad_clip": 0.5}})
     ds = build_ds_config(cfg.deepspeed, cfg.optim, world_size=2)
-    assert "auto" not in json.dumps(ds)
+    assert '"auto"' not in json.dumps(ds)  # no value left "auto"
     assert ds["train_batch_size"] == 12 and ds["gradient_clipping"] == 0.5 and zero_stage(ds) == stage
     assert ds["bf16"]["enabled"] is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert ("torch_autocast" in ds) is (not torch.cuda.is_available() and cpu_has_native_bf16())
     assert ("optimizer" in ds) is (name == "zero3_offload")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_on_cpu_is_bf16_autocast_only_with_native_bf16(monkeypatch, tmp_path, native: bool) -> None:
+    """auto on a CPU: bf16 autocast (fp32 weights, gradients and communication) where the CPU multiplies bf16 in
+    hardware, fp32 where it would emulate it; an explicit precision wins, and a DeepSpeed JSON's own torch_autocast
+    section never survives a precision that does not ask for it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "torch_autocast": {
+        "enabled": True, "dtype": "bfloat16"}}))
+    got = {}
+    for precision in ("auto", "fp32", "bf16_autocast"):
+        cfg = load_config(StageConfig, {"deepspeed": {"config": str(tmp_path / "ds.json"), "precision": precision}})
+        got[precision] = (resolve_precision(cfg.deepspeed), build_ds_config(cfg.deepspeed, cfg.optim, 1))
+    assert got["auto"][0] == ("bf16_autocast" if native else "fp32")
+    autocast = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert got["bf16_autocast"][0] == "bf16_autocast" and got["bf16_autocast"][1]["torch_autocast"] == autocast
+    assert got["bf16_autocast"][1]["bf16"] == {"enabled": False}
+    assert got["fp32"][0] == "fp32" and "torch_autocast" not in got["fp32"][1]
+    assert got["auto"][1].get("torch_autocast") == (autocast if native else None)
 
 
 def test_ds_config_missing_file_names_the_field() -> None:
@@ -172,6 +200,7 @@ def test_the_cpu_op_built_at_setup_is_reused_with_or_without_the_environment_on_
 
 MUON_STEP = """
 import json
+import sys
 import torch
 from torch import nn
 import deepspeed
@@ -200,9 +229,12 @@ class Tiny(nn.Module):
 model = Tiny()
 before = {n: p.detach().clone() for n, p in model.named_parameters()}
 cfg = load_config(StageConfig, {"optim": {"optimizer": "muon", "lr": 1e-3, "muon_lr": 0.02, "warmup_ratio": 0.0,
-                                          "max_steps": 10, "micro_batch_size": 4, "grad_clip": 1.0}})
+                                          "max_steps": 10, "micro_batch_size": 4, "grad_clip": 1.0},
+                                "deepspeed": {"precision": sys.argv[1]}})
 engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
                                   config=build_ds_config(cfg.deepspeed, cfg.optim, 1))
+hidden_dtype = []
+model.hidden.register_forward_hook(lambda m, a, out: hidden_dtype.append(str(out.dtype)))
 tokens, feats = torch.randint(0, 10, (4, 8)), torch.randn(4, 8, 16)
 engine.backward(nn.functional.cross_entropy(engine(tokens, feats).flatten(0, 1), tokens.flatten()))
 engine.step()
@@ -210,7 +242,8 @@ after = {n: p.detach() for n, p in model.named_parameters()}
 step = (after["hidden.weight"] - before["hidden.weight"]) / 0.02 / 2 ** 0.5  # Muon scales 32 x 16 by sqrt(32 / 16)
 used = tokens.unique()
 print("RESULT", json.dumps({
-    "inner": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
+    "inner": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__, "hidden_out": hidden_dtype,
+    "weights": sorted({str(p.dtype) for p in model.parameters()}),
     "singular_values": torch.linalg.svdvals(step).tolist(), "lrs": current_lrs(engine.optimizer),
     "embed_step": (after["embed.weight"] - before["embed.weight"])[used].abs().mean().item(),
     "head_step": (after["lm_head.weight"] - before["lm_head.weight"]).abs().mean().item()}))
@@ -218,18 +251,22 @@ finish(0)
 """
 
 
-def test_muon_under_zero2_steps_hidden_matrices_orthogonally_and_tables_with_adamw(tmp_path) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16_autocast"])
+def test_muon_under_zero2_steps_hidden_matrices_orthogonally_and_tables_with_adamw(tmp_path, precision: str) -> None:
     """The hidden layer's first update is an orthogonalised matrix of Muon's size (all singular values near 1, even
     with optim.grad_clip set: ZeRO would otherwise clip it to a fraction), while the embedding and the LM head take
-    AdamW's first step (lr per element)."""
+    AdamW's first step (lr per element). Under bf16_autocast the forward's matmuls run in bf16 while the weights,
+    and so the updates, stay fp32."""
     env = {**os.environ, "MASTER_PORT": str(21000 + os.getpid() % 10000)}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"):
         env.pop(key, None)
-    res = subprocess.run([sys.executable, "-c", MUON_STEP], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=tmp_path)
+    res = subprocess.run([sys.executable, "-c", MUON_STEP, precision], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.split("RESULT", 1)[1])
     assert got["inner"] == "MuonWithAuxAdam"
+    assert got["hidden_out"] == ["torch.bfloat16" if precision == "bf16_autocast" else "torch.float32"]
+    assert got["weights"] == ["torch.float32"]
     assert all(0.5 < s < 1.5 for s in got["singular_values"]), got["singular_values"]
     assert got["lrs"] == {"lr": pytest.approx(1e-3), "muon_lr": pytest.approx(0.02)}
     assert got["embed_step"] == pytest.approx(1e-3, rel=0.01) and got["head_step"] == pytest.approx(1e-3, rel=0.01)

@@ -38,6 +38,36 @@ def timed_window(metrics: Path, warm: int) -> dict:
             "tokens_per_s_by_task": {t: sum(v) / len(v) for t, v in rates.items()}}
 
 
+def stage_needs(stage: str) -> tuple[str, ...]:
+    """What a quickstart run must hold for a bench to run ``stage`` from it."""
+    if stage == "tokenizer":
+        return ("data/shapeworld/images/train", "teacher")
+    return ("wintok", "text_tokenizer", "pretokenized", "align/export")
+
+
+def stage_run(run: Path, stage: str, out: Path, procs: int, sets: list[str]) -> tuple[list[str], dict]:
+    """The command and environment of a short bench run of ``stage`` in ``procs`` processes, each with its share of
+    the preset's batch (the quickstart's split): an MLLM stage from the run's align export, the tokenizer stage from
+    scratch on its data and teacher, without its closing eval. ``sets``: the bench's own ``--set`` items."""
+    from unified_mllm.config import load_stage_config
+    from unified_mllm.quickstart import (
+        batch_sets_per_proc,
+        launcher_command,
+        run_env,
+        threads_per_proc,
+        tokenizer_command,
+    )
+
+    if stage == "tokenizer":
+        cmd = tokenizer_command(run, procs, extra=[f"checkpoint.output_dir={out}", "data.eval_images=", *sets])
+    else:
+        optim = load_stage_config(stage).optim
+        cmd = launcher_command(run, stage, out, run / "align" / "export", procs=procs,
+                               extra=[*batch_sets_per_proc(stage, optim, procs), *sets])
+    # every form gets the whole machine, whatever OMP_NUM_THREADS the caller has set
+    return cmd, {**run_env(run), "OMP_NUM_THREADS": str(threads_per_proc(procs))}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/quickstart", help="the quickstart's run directory")
@@ -50,23 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(a.run).resolve()
     sys.path.insert(0, str(ROOT))
     from unified_mllm.config import load_stage_config
-    from unified_mllm.quickstart import (
-        batch_sets_per_proc,
-        launcher_command,
-        missing_run_parts,
-        run_env,
-        threads_per_proc,
-        tokenizer_command,
-    )
+    from unified_mllm.quickstart import batch_sets_per_proc, missing_run_parts, threads_per_proc
 
-    needs = ("data/shapeworld/images/train", "teacher") if a.stage == "tokenizer" else (
-        "wintok", "text_tokenizer", "pretokenized", "align/export")
-    if error := missing_run_parts(run, needs):
+    if error := missing_run_parts(run, stage_needs(a.stage)):
         print(error, file=sys.stderr)
         return 2
-    optim = load_stage_config(a.stage).optim
     try:
-        batch_sets_per_proc(a.stage, optim, a.procs)
+        batch_sets_per_proc(a.stage, load_stage_config(a.stage).optim, a.procs)
     except ValueError as e:
         print(f"error: {e} (the preset's); choose --procs that divides it", file=sys.stderr)
         return 2
@@ -74,15 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_procs_") as tmp:
         for procs in (1, a.procs):
             out = Path(tmp) / f"p{procs}"
-            common = [f"optim.max_steps={a.steps}", "logging.log_every=10", f"checkpoint.save_every={a.steps + 1}"]
-            if a.stage == "tokenizer":  # its batch split as the quickstart splits it; no eval at the end
-                cmd = tokenizer_command(run, procs, extra=[f"checkpoint.output_dir={out}", "data.eval_images=",
-                                                           *common])
-            else:
-                cmd = launcher_command(run, a.stage, out, run / "align" / "export", procs=procs,
-                                       extra=[*batch_sets_per_proc(a.stage, optim, procs), *common])
-            # both forms get the whole machine, whatever OMP_NUM_THREADS the caller has set
-            env = {**run_env(run), "OMP_NUM_THREADS": str(threads_per_proc(procs))}
+            cmd, env = stage_run(run, a.stage, out, procs, [f"optim.max_steps={a.steps}", "logging.log_every=10",
+                                                            f"checkpoint.save_every={a.steps + 1}"])
             res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             if res.returncode:
                 print(res.stderr[-3000:], file=sys.stderr)

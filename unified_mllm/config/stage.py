@@ -241,8 +241,11 @@ class OptimConfig:
 class DeepSpeedSection:
     config: str = "stage_configs/deepspeed/zero2.json"
     """DeepSpeed JSON (zero2, zero3, zero3_offload shipped); batch sizes, lr and clipping are filled from this config."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 on CUDA with bf16 support, fp32 on CPU."""
+    precision: Literal["auto", "fp32", "bf16", "bf16_autocast"] = "auto"
+    """bf16: DeepSpeed's bf16 (bf16 weights and gradients, fp32 master weights in the optimizer). bf16_autocast:
+    fp32 weights, gradients and communication, the forward under ``torch.autocast`` in bf16 (DeepSpeed's
+    ``torch_autocast``). auto: bf16 on CUDA with bf16 support; on a CPU with native bf16 matmuls (AVX512-BF16 or
+    AMX) bf16_autocast; fp32 elsewhere."""
     gradient_checkpointing: bool = False
     """Recompute LLM activations in the backward pass to save memory."""
 

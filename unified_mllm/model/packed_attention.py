@@ -13,6 +13,8 @@ same model also generates. flash-attention's varlen kernel does the same job on 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -74,12 +76,18 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
     # one gather per tensor: (slots, H, D), split into the length groups
     q, k, v = (t.transpose(1, 2)[plan["rows"], plan["cols"]].split(sizes) for t in (query, key, value))
     outs = []
-    for (n, width), qg, kg, vg in zip(plan["shapes"], q, k, v):
-        qg, kg, vg = (t.view(n, width, t.shape[1], dim).transpose(1, 2) for t in (qg, kg, vg))  # (n, H, width, D)
-        og = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout if module.training else 0.0,
-                                            is_causal=True, scale=scaling, enable_gqa=kg.shape[1] != heads)
-        outs.append(og.transpose(1, 2).reshape(n * width, heads, dim))
-    out = torch.cat(outs)[plan["slot_of_token"]]
+    # On CPU the attention runs in fp32 even under bf16 (autocast, or a bf16 model): the CPU flash kernel is 2-4x
+    # slower in bf16 than in fp32 at these shapes, forward and backward (NOTES.md, session 24).
+    upcast = query.device.type == "cpu" and (query.dtype != torch.float32 or torch.is_autocast_enabled("cpu"))
+    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+        for (n, width), qg, kg, vg in zip(plan["shapes"], q, k, v):
+            qg, kg, vg = (t.view(n, width, t.shape[1], dim).transpose(1, 2) for t in (qg, kg, vg))  # (n, H, width, D)
+            if upcast:
+                qg, kg, vg = qg.float(), kg.float(), vg.float()
+            og = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout if module.training else 0.0,
+                                                is_causal=True, scale=scaling, enable_gqa=kg.shape[1] != heads)
+            outs.append(og.transpose(1, 2).reshape(n * width, heads, dim))
+    out = torch.cat(outs)[plan["slot_of_token"]].to(query.dtype)
     return out.view(batch, length, heads, dim), None
 
 

@@ -13,14 +13,23 @@ from unified_mllm.config import PROJECT_ROOT, ConfigError
 from unified_mllm.config.stage import DeepSpeedSection, OptimConfig
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX): there a bf16 matmul of the
+    ShapeWorld model's shapes runs ~2.4x an fp32 one (NOTES.md, session 24); without it bf16 is emulated and slower."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def resolve_precision(section: DeepSpeedSection) -> str:
-    """'bf16' or 'fp32'. auto: bf16 on a CUDA device that supports it, fp32 elsewhere (CPU)."""
+    """'bf16', 'bf16_autocast' or 'fp32'. auto: bf16 on a CUDA device that supports it; bf16_autocast on a CPU with
+    native bf16 matmuls (the mixed stage's step 1.14-1.27x faster, its loss equal to 1e-5 at step 120: NOTES.md,
+    session 24, `scripts/bench/precision.py`); fp32 elsewhere. On CPU, DeepSpeed's whole-model bf16 runs but is no
+    faster than fp32 (session 23); allowed on request."""
     if section.precision != "auto":
-        if section.precision == "bf16" and not torch.cuda.is_available():
-            # bf16 on CPU runs (DeepSpeed supports it) but is slow; allowed on request.
-            return "bf16"
         return section.precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16_autocast" if cpu_has_native_bf16() else "fp32"
 
 
 def load_ds_json(path: str) -> dict[str, Any]:
@@ -52,6 +61,11 @@ def build_ds_config(section: DeepSpeedSection, optim: OptimConfig, world_size: i
     precision = resolve_precision(section)
     cfg["bf16"] = {"enabled": precision == "bf16"}
     cfg.pop("fp16", None)
+    cfg.pop("torch_autocast", None)
+    if precision == "bf16_autocast":
+        # No lower-precision modules: DeepSpeed would otherwise reduce nn.Linear gradients in bf16; kept in fp32, they
+        # are averaged exactly and reach Muon's fp32 Newton-Schulz as they are.
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     zero = cfg.setdefault("zero_optimization", {"stage": 0})
     if optim.optimizer == "muon":
         # ZeRO clips after Muon has written its orthogonalised update into the gradient, so a clip would shrink every
