@@ -36,6 +36,12 @@ def test_fast_quickstart_runs_and_resumes(tmp_path: Path) -> None:
     meta = json.loads(next((out / "wintok_train" / "checkpoints").glob("*/meta.json")).read_text())
     assert meta["world_size"] == stage_procs()
     assert meta["config"]["optim"]["micro_batch_size"] * stage_procs() == FAST_TOKENIZER_BATCH == 8
+    # precision auto: the tokenizer stage in fp32 on any CPU, the MLLM stages in bf16 autocast where it has native bf16
+    from unified_mllm.training.ds_config import cpu_has_native_bf16
+
+    assert meta["precision"] == "fp32"
+    mixed = json.loads(next((out / "mixed" / "checkpoints").glob("*/meta.json")).read_text())
+    assert mixed["precision"] == ("bf16_autocast" if cpu_has_native_bf16() else "fp32")
     # its logged steps read as the MLLM stages' do (scripts/bench/procs.py times both through step_records)
     from unified_mllm.quickstart import step_records
 

@@ -245,7 +245,7 @@ class DeepSpeedSection:
     """bf16: DeepSpeed's bf16 (bf16 weights and gradients, fp32 master weights in the optimizer). bf16_autocast:
     fp32 weights, gradients and communication, the forward under ``torch.autocast`` in bf16 (DeepSpeed's
     ``torch_autocast``). auto: bf16 on CUDA with bf16 support; on a CPU with native bf16 matmuls (AVX512-BF16 or
-    AMX) bf16_autocast; fp32 elsewhere."""
+    AMX) bf16_autocast (the MLLM stages; the tokenizer stage stays fp32 on CPU); fp32 elsewhere."""
     gradient_checkpointing: bool = False
     """Recompute LLM activations in the backward pass to save memory."""
 

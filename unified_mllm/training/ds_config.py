@@ -20,16 +20,16 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def resolve_precision(section: DeepSpeedSection) -> str:
+def resolve_precision(section: DeepSpeedSection, cpu_autocast: bool = True) -> str:
     """'bf16', 'bf16_autocast' or 'fp32'. auto: bf16 on a CUDA device that supports it; bf16_autocast on a CPU with
     native bf16 matmuls (the mixed stage's step 1.14-1.27x faster, its loss equal to 1e-5 at step 120: NOTES.md,
-    session 24, `scripts/bench/precision.py`); fp32 elsewhere. On CPU, DeepSpeed's whole-model bf16 runs but is no
-    faster than fp32 (session 23); allowed on request."""
+    session 24, `scripts/bench/precision.py`) unless the stage opts out with ``cpu_autocast=False``; fp32 elsewhere.
+    On CPU, DeepSpeed's whole-model bf16 runs but is no faster than fp32 (session 23); allowed on request."""
     if section.precision != "auto":
         return section.precision
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16_autocast" if cpu_has_native_bf16() else "fp32"
+    return "bf16_autocast" if cpu_autocast and cpu_has_native_bf16() else "fp32"
 
 
 def load_ds_json(path: str) -> dict[str, Any]:
@@ -49,8 +49,10 @@ def _fill(value: Any, auto: Any) -> Any:
     return auto if value == "auto" else value
 
 
-def build_ds_config(section: DeepSpeedSection, optim: OptimConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config dict with every "auto" replaced by the stage config's value."""
+def build_ds_config(section: DeepSpeedSection, optim: OptimConfig, world_size: int,
+                    cpu_autocast: bool = True) -> dict[str, Any]:
+    """The DeepSpeed config dict with every "auto" replaced by the stage config's value (``cpu_autocast``: as in
+    :func:`resolve_precision`)."""
     cfg = copy.deepcopy(load_ds_json(section.config))
     cfg["train_micro_batch_size_per_gpu"] = _fill(cfg.get("train_micro_batch_size_per_gpu", "auto"),
                                                   optim.micro_batch_size)
@@ -58,7 +60,7 @@ def build_ds_config(section: DeepSpeedSection, optim: OptimConfig, world_size: i
     cfg["train_batch_size"] = (cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"]
                                * world_size)
     cfg["gradient_clipping"] = _fill(cfg.get("gradient_clipping", "auto"), optim.grad_clip)
-    precision = resolve_precision(section)
+    precision = resolve_precision(section, cpu_autocast)
     cfg["bf16"] = {"enabled": precision == "bf16"}
     cfg.pop("fp16", None)
     cfg.pop("torch_autocast", None)
