@@ -54,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(a.repeats):
             for precision in PRECISIONS if rep % 2 == 0 else PRECISIONS[::-1]:
                 out = Path(tmp) / f"{precision}_{rep}"
-                cmd, env = stage_run(run, a.stage, out, procs, [
-                    f"optim.max_steps={a.steps}", "logging.log_every=10", f"checkpoint.save_every={a.steps + 1}",
-                    f"deepspeed.precision={precision}"])
+                cmd, env = stage_run(run, a.stage, out, procs, a.steps, [f"deepspeed.precision={precision}"])
                 res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
                 if res.returncode:
                     print(res.stderr[-3000:], file=sys.stderr)

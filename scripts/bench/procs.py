@@ -45,10 +45,12 @@ def stage_needs(stage: str) -> tuple[str, ...]:
     return ("wintok", "text_tokenizer", "pretokenized", "align/export")
 
 
-def stage_run(run: Path, stage: str, out: Path, procs: int, sets: list[str]) -> tuple[list[str], dict]:
-    """The command and environment of a short bench run of ``stage`` in ``procs`` processes, each with its share of
-    the preset's batch (the quickstart's split): an MLLM stage from the run's align export, the tokenizer stage from
-    scratch on its data and teacher, without its closing eval. ``sets``: the bench's own ``--set`` items."""
+def stage_run(run: Path, stage: str, out: Path, procs: int, steps: int,
+              sets: list[str] | tuple[str, ...] = ()) -> tuple[list[str], dict]:
+    """The command and environment of a ``steps``-step bench run of ``stage`` in ``procs`` processes, each with its
+    share of the preset's batch (the quickstart's split), logging every 10 steps and saving no checkpoint: an MLLM
+    stage from the run's align export, the tokenizer stage from scratch on its data and teacher, without its closing
+    eval. ``sets``: the bench's own ``--set`` items."""
     from unified_mllm.config import load_stage_config
     from unified_mllm.quickstart import (
         batch_sets_per_proc,
@@ -58,6 +60,7 @@ def stage_run(run: Path, stage: str, out: Path, procs: int, sets: list[str]) -> 
         tokenizer_command,
     )
 
+    sets = [f"optim.max_steps={steps}", "logging.log_every=10", f"checkpoint.save_every={steps + 1}", *sets]
     if stage == "tokenizer":
         cmd = tokenizer_command(run, procs, extra=[f"checkpoint.output_dir={out}", "data.eval_images=", *sets])
     else:
@@ -94,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_procs_") as tmp:
         for procs in (1, a.procs):
             out = Path(tmp) / f"p{procs}"
-            cmd, env = stage_run(run, a.stage, out, procs, [f"optim.max_steps={a.steps}", "logging.log_every=10",
-                                                            f"checkpoint.save_every={a.steps + 1}"])
+            cmd, env = stage_run(run, a.stage, out, procs, a.steps)
             res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             if res.returncode:
                 print(res.stderr[-3000:], file=sys.stderr)
