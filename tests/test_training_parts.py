@@ -75,7 +75,10 @@ def test_precision_auto_on_cpu_is_bf16_autocast_only_with_native_bf16(monkeypatc
     assert got["auto"][1].get("torch_autocast") == (autocast if native else None)
     auto = load_config(StageConfig, {"deepspeed": {"config": str(tmp_path / "ds.json")}}).deepspeed
     assert resolve_precision(auto, cpu_autocast=False) == "fp32"  # the tokenizer stage's auto on any CPU
-    assert "torch_autocast" not in build_ds_config(auto, cfg.optim, 1, cpu_autocast=False)
+    tokenizer_precision = resolve_precision(auto, cpu_autocast=False)
+    assert "torch_autocast" not in build_ds_config(auto, cfg.optim, 1, tokenizer_precision)
+    # the config follows the precision it is handed, not its own resolution of auto
+    assert build_ds_config(auto, cfg.optim, 1, "bf16_autocast")["torch_autocast"] == autocast
 
 
 def test_ds_config_missing_file_names_the_field() -> None:

@@ -78,8 +78,8 @@ class TokenizerTrainer:
         # precision auto on a CPU: fp32, not bf16 autocast, which ran this stage slower (0.143 against 0.137 s a step:
         # its convolutions and small ops gain nothing) and learnt less (judge agreement 0.986 against 0.992; NOTES.md,
         # session 24). An explicit deepspeed.precision is honoured.
-        self.ds_config = build_ds_config(cfg.deepspeed, cfg.optim, self.world_size, cpu_autocast=False)
         self.precision = resolve_precision(cfg.deepspeed, cpu_autocast=False)
+        self.ds_config = build_ds_config(cfg.deepspeed, cfg.optim, self.world_size, self.precision)
         self.model = build_wintok(cfg).train()
         # DeepSpeed's bf16 casts parameters, not buffers (WinTok's normalisation constants, its zero key bias); a
         # whole bf16 model, fed bf16 images, is what the released bf16 path runs

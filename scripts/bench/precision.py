@@ -26,28 +26,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import stage_needs, stage_run, timed_window  # noqa: E402  (the same runs and timing window)
+from procs import add_run_args, open_run, stage_run, timed_window  # noqa: E402  (the same runs and window)
 
 PRECISIONS = ("fp32", "bf16_autocast")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="runs/quickstart", help="the quickstart's run directory")
-    p.add_argument("--stage", default="mixed")
-    p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--warm", type=int, default=20, help="timing starts at this logged step")
+    add_run_args(p, steps=120, warm=20)
     p.add_argument("--repeats", type=int, default=2, help="pairs of runs (one per precision)")
-    p.add_argument("--json", default=None, help="also write the figures here")
     a = p.parse_args(argv)
-    run = Path(a.run).resolve()
-    sys.path.insert(0, str(ROOT))
-    from unified_mllm.quickstart import missing_run_parts, stage_procs, step_records, threads_per_proc
+    if (run := open_run(a)) is None:
+        return 2
+    from unified_mllm.quickstart import stage_procs, step_records, threads_per_proc
     from unified_mllm.training.ds_config import cpu_has_native_bf16
 
-    if error := missing_run_parts(run, stage_needs(a.stage)):
-        print(error, file=sys.stderr)
-        return 2
     procs = stage_procs()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_precision_") as tmp:

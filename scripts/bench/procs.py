@@ -71,23 +71,38 @@ def stage_run(run: Path, stage: str, out: Path, procs: int, steps: int,
     return cmd, {**run_env(run), "OMP_NUM_THREADS": str(threads_per_proc(procs))}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_args(p: argparse.ArgumentParser, steps: int, warm: int) -> None:
+    """The arguments of every bench that times a stage from a quickstart run (this one, precision.py)."""
     p.add_argument("--run", default="runs/quickstart", help="the quickstart's run directory")
     p.add_argument("--stage", default="mixed")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--warm", type=int, default=10, help="timing starts at this logged step")
-    p.add_argument("--procs", type=int, default=2, help="processes of the multi-process form")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--warm", type=int, default=warm, help="timing starts at this logged step")
     p.add_argument("--json", default=None, help="also write the figures here")
-    a = p.parse_args(argv)
-    run = Path(a.run).resolve()
-    sys.path.insert(0, str(ROOT))
-    from unified_mllm.config import load_stage_config
-    from unified_mllm.quickstart import batch_sets_per_proc, missing_run_parts, threads_per_proc
 
+
+def open_run(a: argparse.Namespace) -> Path | None:
+    """The run directory of ``--run``, with the project importable; None (the missing part printed) where the run
+    lacks what ``--stage`` starts from."""
+    sys.path.insert(0, str(ROOT))
+    from unified_mllm.quickstart import missing_run_parts
+
+    run = Path(a.run).resolve()
     if error := missing_run_parts(run, stage_needs(a.stage)):
         print(error, file=sys.stderr)
+        return None
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_args(p, steps=100, warm=10)
+    p.add_argument("--procs", type=int, default=2, help="processes of the multi-process form")
+    a = p.parse_args(argv)
+    if (run := open_run(a)) is None:
         return 2
+    from unified_mllm.config import load_stage_config
+    from unified_mllm.quickstart import batch_sets_per_proc, threads_per_proc
+
     try:
         batch_sets_per_proc(a.stage, load_stage_config(a.stage).optim, a.procs)
     except ValueError as e:

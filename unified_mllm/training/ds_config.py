@@ -50,9 +50,10 @@ def _fill(value: Any, auto: Any) -> Any:
 
 
 def build_ds_config(section: DeepSpeedSection, optim: OptimConfig, world_size: int,
-                    cpu_autocast: bool = True) -> dict[str, Any]:
-    """The DeepSpeed config dict with every "auto" replaced by the stage config's value (``cpu_autocast``: as in
-    :func:`resolve_precision`)."""
+                    precision: str | None = None) -> dict[str, Any]:
+    """The DeepSpeed config dict with every "auto" replaced by the stage config's value. ``precision``: the trainer's
+    resolved precision (:func:`resolve_precision`), so the config and the trainer cannot disagree; None resolves
+    ``section``'s here."""
     cfg = copy.deepcopy(load_ds_json(section.config))
     cfg["train_micro_batch_size_per_gpu"] = _fill(cfg.get("train_micro_batch_size_per_gpu", "auto"),
                                                   optim.micro_batch_size)
@@ -60,7 +61,7 @@ def build_ds_config(section: DeepSpeedSection, optim: OptimConfig, world_size: i
     cfg["train_batch_size"] = (cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"]
                                * world_size)
     cfg["gradient_clipping"] = _fill(cfg.get("gradient_clipping", "auto"), optim.grad_clip)
-    precision = resolve_precision(section, cpu_autocast)
+    precision = precision or resolve_precision(section)
     cfg["bf16"] = {"enabled": precision == "bf16"}
     cfg.pop("fp16", None)
     cfg.pop("torch_autocast", None)

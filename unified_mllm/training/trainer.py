@@ -36,8 +36,8 @@ class StageTrainer:
         self.rank, self.world_size = init_distributed()
         seed_everything(cfg.seed)
         self.output_dir = Path(cfg.checkpoint.output_dir)
-        self.ds_config = build_ds_config(cfg.deepspeed, cfg.optim, self.world_size)
         self.precision = resolve_precision(cfg.deepspeed)
+        self.ds_config = build_ds_config(cfg.deepspeed, cfg.optim, self.world_size, self.precision)
         if cfg.model.ema_decay > 0 and zero_stage(self.ds_config) >= 3:
             raise ValueError("model.ema_decay: the weight average needs whole weights on each process; use ZeRO-2 "
                              "(deepspeed.config: stage_configs/deepspeed/zero2.json) or set model.ema_decay: 0")
