@@ -214,8 +214,12 @@ from unified_mllm.config import load_config
 from unified_mllm.config.stage import StageConfig
 from unified_mllm.training.distributed import finish, init_distributed
 from unified_mllm.training.ds_config import build_ds_config
+import unified_mllm.training.optimizer as optimizer_module
 from unified_mllm.training.optimizer import build_optimizer, current_lrs
 
+ns_dtypes = []  # the dtype each Newton-Schulz iteration computes in
+_ns = optimizer_module.newton_schulz_fp32
+optimizer_module.newton_schulz_fp32 = lambda g, steps=5: ns_dtypes.append(str(g.dtype)) or _ns(g, steps)
 init_distributed()
 torch.manual_seed(0)
 
@@ -237,7 +241,7 @@ before = {n: p.detach().clone() for n, p in model.named_parameters()}
 cfg = load_config(StageConfig, {"optim": {"optimizer": "muon", "lr": 1e-3, "muon_lr": 0.02, "warmup_ratio": 0.0,
                                           "max_steps": 10, "micro_batch_size": 4, "grad_clip": 1.0},
                                 "deepspeed": {"precision": sys.argv[1]}})
-engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
+engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim, sys.argv[1]),
                                   config=build_ds_config(cfg.deepspeed, cfg.optim, 1))
 hidden_dtype = []
 model.hidden.register_forward_hook(lambda m, a, out: hidden_dtype.append(str(out.dtype)))
@@ -249,6 +253,7 @@ step = (after["hidden.weight"] - before["hidden.weight"]) / 0.02 / 2 ** 0.5  # M
 used = tokens.unique()
 print("RESULT", json.dumps({
     "inner": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__, "hidden_out": hidden_dtype,
+    "ns": ns_dtypes,
     "weights": sorted({str(p.dtype) for p in model.parameters()}),
     "singular_values": torch.linalg.svdvals(step).tolist(), "lrs": current_lrs(engine.optimizer),
     "embed_step": (after["embed.weight"] - before["embed.weight"])[used].abs().mean().item(),
@@ -261,8 +266,8 @@ finish(0)
 def test_muon_under_zero2_steps_hidden_matrices_orthogonally_and_tables_with_adamw(tmp_path, precision: str) -> None:
     """The hidden layer's first update is an orthogonalised matrix of Muon's size (all singular values near 1, even
     with optim.grad_clip set: ZeRO would otherwise clip it to a fraction), while the embedding and the LM head take
-    AdamW's first step (lr per element). Under bf16_autocast the forward's matmuls run in bf16 while the weights,
-    and so the updates, stay fp32."""
+    AdamW's first step (lr per element). Under bf16_autocast the forward's matmuls and the Newton-Schulz iteration
+    run in bf16 while the weights, and so the updates, stay fp32."""
     env = {**os.environ, "MASTER_PORT": str(21000 + os.getpid() % 10000)}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"):
         env.pop(key, None)
@@ -272,6 +277,7 @@ def test_muon_under_zero2_steps_hidden_matrices_orthogonally_and_tables_with_ada
     got = json.loads(res.stdout.split("RESULT", 1)[1])
     assert got["inner"] == "MuonWithAuxAdam"
     assert got["hidden_out"] == ["torch.bfloat16" if precision == "bf16_autocast" else "torch.float32"]
+    assert got["ns"] == got["hidden_out"]  # one Muon matrix, iterated in the forward's dtype
     assert got["weights"] == ["torch.float32"]
     assert all(0.5 < s < 1.5 for s in got["singular_values"]), got["singular_values"]
     assert got["lrs"] == {"lr": pytest.approx(1e-3), "muon_lr": pytest.approx(0.02)}
@@ -299,6 +305,17 @@ def test_cpu_muon_update_is_deepspeeds_update(shape) -> None:
     bad[0, 0] = float("nan")
     assert not torch.isfinite(fast(bad, mom_fast)).all()  # the overflowed step stays visible as one
     torch.testing.assert_close(mom_fast, mom_ref)
+    # a bf16 stage iterates in bf16: the same fp32 momentum, an fp32 update within bf16's rounding of the fp32 one
+    _newton_schulz_for_cpu(torch.bfloat16)
+    try:
+        mom_bf16 = momentum.clone()
+        got_bf16 = original_muon.muon_update(grad.clone(), mom_bf16)
+    finally:
+        _newton_schulz_for_cpu()
+    torch.testing.assert_close(mom_bf16, mom_ref)
+    assert got_bf16.dtype == torch.float32
+    assert ((got_bf16 - want).norm() / want.norm()).item() < 0.05
+    assert 0.5 < torch.linalg.svdvals(got_bf16 / max(1.0, shape[0] / shape[1]) ** 0.5).min() < 1.5
 
 
 def test_muon_with_optimizer_offload_is_refused_naming_the_field() -> None:

@@ -40,7 +40,9 @@ def muon_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, optim: OptimConfig, precision: str = "fp32") -> torch.optim.Optimizer:
+    """``precision``: the stage's resolved precision; on CPU, Muon's Newton–Schulz iteration computes in bf16 where the
+    stage's forward does (bf16, bf16_autocast), in fp32 otherwise (:func:`_newton_schulz_for_cpu`)."""
     groups = param_groups(model, optim.weight_decay)
     if optim.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
@@ -65,14 +67,14 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimiz
     if not any(h["use_muon"] for h in halves):
         raise ValueError("optim.optimizer: muon found no trainable nn.Linear weight to optimise; use adamw")
     if not torch.cuda.is_available():
-        _newton_schulz_for_cpu()
+        _newton_schulz_for_cpu(torch.bfloat16 if precision in ("bf16", "bf16_autocast") else torch.float32)
     return MuonWithAuxAdam(halves, adam_optimizer=torch.optim.AdamW, adam_optimizer_kwargs={})
 
 
-def initialize_engine(model: nn.Module, optim: OptimConfig, ds_config: dict):
+def initialize_engine(model: nn.Module, optim: OptimConfig, ds_config: dict, precision: str = "fp32"):
     """The DeepSpeed engine both trainers train through: under ZeRO-Offload DeepSpeed builds its own CPU AdamW from
-    the config (``uses_config_optimizer``), otherwise the client optimizer of :func:`build_optimizer`; the schedule is
-    ``build_scheduler``'s either way."""
+    the config (``uses_config_optimizer``), otherwise the client optimizer of :func:`build_optimizer` for the stage's
+    resolved ``precision``; the schedule is ``build_scheduler``'s either way."""
     import deepspeed
 
     from unified_mllm.training.ds_config import uses_config_optimizer
@@ -82,19 +84,22 @@ def initialize_engine(model: nn.Module, optim: OptimConfig, ds_config: dict):
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, optim.weight_decay),
                                           config=ds_config, lr_scheduler=lambda opt: build_scheduler(opt, optim))
     else:
-        optimizer = build_optimizer(model, optim)
+        optimizer = build_optimizer(model, optim, precision)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                           lr_scheduler=build_scheduler(optimizer, optim))
     return engine
 
 
-def _newton_schulz_for_cpu() -> None:
+def _newton_schulz_for_cpu(dtype: torch.dtype = torch.float32) -> None:
     """Settings of DeepSpeed's Muon that cost a CPU run its time (NOTES.md, sessions 17–18): it torch.compiles the
     Newton–Schulz step (60 s of compiling at the start of a 5-minute WinTok run, for a step no faster than eager), it
     runs the iteration in fp16 or bf16 whenever the accelerator reports support — which DeepSpeed's CPU accelerator
-    does, while half-precision matmuls on a CPU are slower than fp32 (the ShapeWorld WinTok's 39 matrices: 65 ms a
-    step in fp16, 30 ms in fp32) — and its update spends more of a small matrix's time in element-wise passes than in
-    the iteration. On CPU the step runs eagerly, in fp32, through :func:`muon_update_fp32`."""
+    does, while half-precision matmuls on a CPU without native bf16 are slower than fp32 (the ShapeWorld WinTok's 39
+    matrices: 65 ms a step in fp16, 30 ms in fp32) — and its update spends more of a small matrix's time in
+    element-wise passes than in the iteration. On CPU the step runs eagerly through :func:`muon_update_fp32`, the
+    iteration in ``dtype``: bf16 for a stage whose forward runs in bf16 (which ``auto`` picks only on a CPU with native
+    bf16 matmuls: the mixed stage's 39 matrices 131 → 85 ms a step at one thread, its step 1.09–1.17x faster; NOTES.md,
+    session 25), fp32 otherwise. The momentum and the returned update stay fp32."""
     from deepspeed.runtime.zero.muon import original_muon
 
     torch.compiler.set_stance("force_eager")
@@ -106,10 +111,11 @@ def _newton_schulz_for_cpu() -> None:
                    num_heads=None):
             if num_heads is not None or is_expert_group or grad.dtype != torch.float32:
                 return reference(grad, momentum, beta, ns_steps, nesterov, ns_method, is_expert_group, num_heads)
-            return muon_update_fp32(grad, momentum, beta, ns_steps, nesterov)
+            return muon_update_fp32(grad, momentum, beta, ns_steps, nesterov, ns_dtype=update.ns_dtype)
 
         update._umllm_fp32, update.reference = True, reference
         original_muon.muon_update = update  # ZeRO-1/2/3 import it from the module at each step
+    original_muon.muon_update.ns_dtype = dtype  # one process trains one stage: its optimizer sets it
 
 
 _NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic iteration, as DeepSpeed's
@@ -149,16 +155,18 @@ def newton_schulz_fp32(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 def muon_update_fp32(grad: torch.Tensor, momentum: torch.Tensor, beta: float = 0.95, ns_steps: int = 5,
-                     nesterov: bool = True) -> torch.Tensor:
+                     nesterov: bool = True, ns_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """DeepSpeed's ``muon_update`` for an fp32 matrix (or a conv filter viewed as one): the momentum and the Nesterov
-    blend in place, then the orthogonalised update scaled by sqrt(rows / cols) for a tall matrix. A non-finite gradient
-    leaves the momentum untouched and comes back as it is, so the step that produced it is still seen as one."""
+    blend in place (fp32), then the update orthogonalised in ``ns_dtype`` and returned in fp32, scaled by
+    sqrt(rows / cols) for a tall matrix. A non-finite gradient leaves the momentum untouched and comes back as it is,
+    so the step that produced it is still seen as one."""
     if not bool(torch.isfinite(grad).all()):
         return grad
     momentum.lerp_(grad, 1 - beta)
     update = grad.lerp_(momentum, beta) if nesterov else momentum
     rows, cols = grad.size(-2), grad.size(-1)
-    out = newton_schulz_fp32(update.view(len(update), -1) if update.ndim == 4 else update, ns_steps)
+    out = newton_schulz_fp32((update.view(len(update), -1) if update.ndim == 4 else update).to(ns_dtype), ns_steps)
+    out = out.float()
     if rows > cols:
         out.mul_(math.sqrt(rows / cols))
     return out
