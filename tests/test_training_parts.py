@@ -218,8 +218,8 @@ import unified_mllm.training.optimizer as optimizer_module
 from unified_mllm.training.optimizer import build_optimizer, current_lrs
 
 ns_dtypes = []  # the dtype each Newton-Schulz iteration computes in
-_ns = optimizer_module.newton_schulz_fp32
-optimizer_module.newton_schulz_fp32 = lambda g, steps=5: ns_dtypes.append(str(g.dtype)) or _ns(g, steps)
+_ns = optimizer_module.newton_schulz
+optimizer_module.newton_schulz = lambda g, steps=5: ns_dtypes.append(str(g.dtype)) or _ns(g, steps)
 init_distributed()
 torch.manual_seed(0)
 

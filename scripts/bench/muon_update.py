@@ -1,12 +1,15 @@
 """The CPU Muon update (``unified_mllm.training.optimizer.muon_update_fp32``) against DeepSpeed's own, on the weight
-matrices Muon trains in the ShapeWorld presets: time for one step's updates, and the largest difference.
+matrices Muon trains in the ShapeWorld presets: time for one step's updates, and the largest difference; and ours with
+the Newton–Schulz iteration in bf16 (what a stage in bf16 autocast runs on CPU) against ours in fp32.
 
     python scripts/bench/muon_update.py [--run runs/quickstart] [--repeat 10] [--threads N]
 
 The WinTok's matrices come from the tokenizer preset (built at random, no files needed); the mixed stage's from the
 model its preset builds on a quickstart run's WinTok and text tokenizer (``--run``; skipped when they are absent).
 Both updates run eagerly in fp32 on the same gradients, alternating, after a warm-up; each row prints the time of
-all of a model's matrices (one step's worth) and the ratio DeepSpeed / ours.
+all of a model's matrices (one step's worth) and the ratio DeepSpeed / ours. Then ours iterates in bf16 and in fp32,
+alternating: the ratio fp32 / bf16 (>1: bf16 faster; it pays only where the CPU multiplies bf16 in hardware) and the
+bf16 update's largest relative difference from the fp32 one.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from deepspeed.runtime.zero.muon import original_muon
 
+    from unified_mllm.training.ds_config import cpu_has_native_bf16
     from unified_mllm.training.optimizer import _newton_schulz_for_cpu
 
     if a.threads:
@@ -81,6 +85,20 @@ def main(argv: list[str] | None = None) -> int:
         ds_ms, our_ms = 1e3 * min(ds_t), 1e3 * min(our_t)
         print(f"{name}: {len(dims)} matrices; DeepSpeed's update {ds_ms:.1f} ms a step, ours {our_ms:.1f} ms; "
               f"ratio DeepSpeed / ours {ds_ms / our_ms:.2f}x; largest difference {worst:.1e}")
+        fp32_t, bf16_t, rel = [], [], 0.0
+        for _ in range(3):
+            for dtype, times in ((torch.float32, fp32_t), (torch.bfloat16, bf16_t)):
+                _newton_schulz_for_cpu(dtype)
+                times.append(time_updates(ours, grads, [torch.zeros_like(g) for g in grads], a.repeat))
+        for g in grads:
+            _newton_schulz_for_cpu(torch.bfloat16)
+            low = ours(g.clone(), torch.zeros_like(g))
+            _newton_schulz_for_cpu(torch.float32)
+            full = ours(g.clone(), torch.zeros_like(g))
+            rel = max(rel, float((low - full).norm() / full.norm()))
+        f_ms, b_ms = 1e3 * min(fp32_t), 1e3 * min(bf16_t)
+        print(f"{name}: ours with the iteration in fp32 {f_ms:.1f} ms, in bf16 {b_ms:.1f} ms; ratio fp32 / bf16 "
+              f"{f_ms / b_ms:.2f}x; largest relative difference {rel:.1e} (native bf16 here: {cpu_has_native_bf16()})")
     return 0
 
 

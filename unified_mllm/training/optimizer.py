@@ -121,8 +121,9 @@ def _newton_schulz_for_cpu(dtype: torch.dtype = torch.float32) -> None:
 _NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic iteration, as DeepSpeed's
 
 
-def newton_schulz_fp32(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Muon's quintic Newton–Schulz orthogonalisation of a matrix, in fp32, with fused matmuls: what DeepSpeed's
+def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Muon's quintic Newton–Schulz orthogonalisation of a matrix, in its dtype (fp32, or bf16 for a stage in bf16:
+    :func:`muon_update_fp32`), with fused matmuls: what DeepSpeed's
     standard and Gram iterations compute, in fewer passes over memory. A matrix at least twice as wide as tall (after
     turning a tall one) iterates on its Gram matrix R = X·Xᵀ, restarting from X at iteration 2 as DeepSpeed does; a
     squarer one iterates on X itself, which is cheaper there (NOTES.md, session 18)."""
@@ -165,7 +166,7 @@ def muon_update_fp32(grad: torch.Tensor, momentum: torch.Tensor, beta: float = 0
     momentum.lerp_(grad, 1 - beta)
     update = grad.lerp_(momentum, beta) if nesterov else momentum
     rows, cols = grad.size(-2), grad.size(-1)
-    out = newton_schulz_fp32((update.view(len(update), -1) if update.ndim == 4 else update).to(ns_dtype), ns_steps)
+    out = newton_schulz((update.view(len(update), -1) if update.ndim == 4 else update).to(ns_dtype), ns_steps)
     out = out.float()
     if rows > cols:
         out.mul_(math.sqrt(rows / cols))
