@@ -123,8 +123,8 @@ _NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic iteration, as Dee
 
 def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """Muon's quintic Newton–Schulz orthogonalisation of a matrix, in its dtype (fp32, or bf16 for a stage in bf16:
-    :func:`muon_update_fp32`), with fused matmuls: what DeepSpeed's
-    standard and Gram iterations compute, in fewer passes over memory. A matrix at least twice as wide as tall (after
+    :func:`muon_update_fp32`), with fused matmuls: what DeepSpeed's standard and Gram iterations compute, in fewer
+    passes over memory. A matrix at least twice as wide as tall (after
     turning a tall one) iterates on its Gram matrix R = X·Xᵀ, restarting from X at iteration 2 as DeepSpeed does; a
     squarer one iterates on X itself, which is cheaper there (NOTES.md, session 18)."""
     a, b, c = _NS_COEFFICIENTS
