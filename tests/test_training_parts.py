@@ -209,13 +209,12 @@ import json
 import sys
 import torch
 from torch import nn
-import deepspeed
 from unified_mllm.config import load_config
 from unified_mllm.config.stage import StageConfig
 from unified_mllm.training.distributed import finish, init_distributed
 from unified_mllm.training.ds_config import build_ds_config
 import unified_mllm.training.optimizer as optimizer_module
-from unified_mllm.training.optimizer import build_optimizer, current_lrs
+from unified_mllm.training.optimizer import current_lrs, initialize_engine
 
 ns_dtypes = []  # the dtype each Newton-Schulz iteration computes in
 _ns = optimizer_module.newton_schulz
@@ -239,10 +238,10 @@ class Tiny(nn.Module):
 model = Tiny()
 before = {n: p.detach().clone() for n, p in model.named_parameters()}
 cfg = load_config(StageConfig, {"optim": {"optimizer": "muon", "lr": 1e-3, "muon_lr": 0.02, "warmup_ratio": 0.0,
+                                          "min_lr_ratio": 1.0,  # a flat schedule: the step sizes read as the lrs
                                           "max_steps": 10, "micro_batch_size": 4, "grad_clip": 1.0},
                                 "deepspeed": {"precision": sys.argv[1]}})
-engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim, sys.argv[1]),
-                                  config=build_ds_config(cfg.deepspeed, cfg.optim, 1))
+engine = initialize_engine(model, cfg.optim, build_ds_config(cfg.deepspeed, cfg.optim, 1))
 hidden_dtype = []
 model.hidden.register_forward_hook(lambda m, a, out: hidden_dtype.append(str(out.dtype)))
 tokens, feats = torch.randint(0, 10, (4, 8)), torch.randn(4, 8, 16)

@@ -143,7 +143,7 @@ class TokenizerTrainer:
                                     run_config=to_dict(cfg))
 
     def build_engine(self):
-        return initialize_engine(self.model, self.cfg.optim, self.ds_config, self.precision)
+        return initialize_engine(self.model, self.cfg.optim, self.ds_config)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"step": self.step, "data": self.stream.state_dict(), "rng": rng_state()}

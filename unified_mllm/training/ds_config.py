@@ -32,6 +32,11 @@ def resolve_precision(section: DeepSpeedSection, cpu_autocast: bool = True) -> s
     return "bf16_autocast" if cpu_autocast and cpu_has_native_bf16() else "fp32"
 
 
+def computes_in_bf16(ds_config: dict[str, Any]) -> bool:
+    """Whether a config from :func:`build_ds_config` runs the forward in bf16 (DeepSpeed's bf16 or torch_autocast)."""
+    return any(ds_config.get(key, {}).get("enabled") is True for key in ("bf16", "torch_autocast"))
+
+
 def load_ds_json(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_absolute() and not p.exists():

@@ -40,9 +40,10 @@ def muon_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, precision: str = "fp32") -> torch.optim.Optimizer:
-    """``precision``: the stage's resolved precision; on CPU, Muon's Newton–Schulz iteration computes in bf16 where the
-    stage's forward does (bf16, bf16_autocast), in fp32 otherwise (:func:`_newton_schulz_for_cpu`)."""
+def build_optimizer(model: nn.Module, optim: OptimConfig,
+                    ns_dtype: torch.dtype = torch.float32) -> torch.optim.Optimizer:
+    """``ns_dtype``: on CPU, the dtype of Muon's Newton–Schulz iteration (:func:`_newton_schulz_for_cpu`);
+    :func:`initialize_engine` derives it from the DeepSpeed config."""
     groups = param_groups(model, optim.weight_decay)
     if optim.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
@@ -67,24 +68,26 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, precision: str = "fp32
     if not any(h["use_muon"] for h in halves):
         raise ValueError("optim.optimizer: muon found no trainable nn.Linear weight to optimise; use adamw")
     if not torch.cuda.is_available():
-        _newton_schulz_for_cpu(torch.bfloat16 if precision in ("bf16", "bf16_autocast") else torch.float32)
+        _newton_schulz_for_cpu(ns_dtype)
     return MuonWithAuxAdam(halves, adam_optimizer=torch.optim.AdamW, adam_optimizer_kwargs={})
 
 
-def initialize_engine(model: nn.Module, optim: OptimConfig, ds_config: dict, precision: str = "fp32"):
+def initialize_engine(model: nn.Module, optim: OptimConfig, ds_config: dict):
     """The DeepSpeed engine both trainers train through: under ZeRO-Offload DeepSpeed builds its own CPU AdamW from
-    the config (``uses_config_optimizer``), otherwise the client optimizer of :func:`build_optimizer` for the stage's
-    resolved ``precision``; the schedule is ``build_scheduler``'s either way."""
+    the config (``uses_config_optimizer``), otherwise the client optimizer of :func:`build_optimizer`, its
+    Newton–Schulz iteration in bf16 where the config computes in bf16 (``bf16`` or ``torch_autocast`` enabled:
+    the precision the trainer resolved, read from the one place it is written); the schedule is
+    ``build_scheduler``'s either way."""
     import deepspeed
 
-    from unified_mllm.training.ds_config import uses_config_optimizer
+    from unified_mllm.training.ds_config import computes_in_bf16, uses_config_optimizer
     from unified_mllm.training.schedule import build_scheduler
 
     if uses_config_optimizer(ds_config):
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, optim.weight_decay),
                                           config=ds_config, lr_scheduler=lambda opt: build_scheduler(opt, optim))
     else:
-        optimizer = build_optimizer(model, optim, precision)
+        optimizer = build_optimizer(model, optim, torch.bfloat16 if computes_in_bf16(ds_config) else torch.float32)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                           lr_scheduler=build_scheduler(optimizer, optim))
     return engine
@@ -124,9 +127,9 @@ _NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic iteration, as Dee
 def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """Muon's quintic Newton–Schulz orthogonalisation of a matrix, in its dtype (fp32, or bf16 for a stage in bf16:
     :func:`muon_update_fp32`), with fused matmuls: what DeepSpeed's standard and Gram iterations compute, in fewer
-    passes over memory. A matrix at least twice as wide as tall (after
-    turning a tall one) iterates on its Gram matrix R = X·Xᵀ, restarting from X at iteration 2 as DeepSpeed does; a
-    squarer one iterates on X itself, which is cheaper there (NOTES.md, session 18)."""
+    passes over memory. A matrix at least twice as wide as tall (after turning a tall one) iterates on its Gram matrix
+    R = X·Xᵀ, restarting from X at iteration 2 as DeepSpeed does; a squarer one iterates on X itself, which is cheaper
+    there (NOTES.md, session 18)."""
     a, b, c = _NS_COEFFICIENTS
     tall = g.size(-2) > g.size(-1)
     x = g.mT if tall else g

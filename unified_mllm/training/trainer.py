@@ -58,7 +58,7 @@ class StageTrainer:
 
     # ------------------------------------------------------------------------------------------ build
     def build_engine(self):
-        return initialize_engine(self.model, self.cfg.optim, self.ds_config, self.precision)
+        return initialize_engine(self.model, self.cfg.optim, self.ds_config)
 
     # ------------------------------------------------------------------------------------ state/resume
     def state_dict(self) -> dict[str, Any]:
