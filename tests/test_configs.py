@@ -125,6 +125,8 @@ def test_print_config_round_trips(tmp_path: Path) -> None:
         ({"data": {"cfg": {"drop_prob": 1.5}}}, "data.cfg.drop_prob", "[0, 1]"),
         ({"optim": {"task_micro_batch_size": {"generation": 0}}}, "optim.task_micro_batch_size.generation", "> 0"),
         ({"optim": {"task_lr_scale": {"generation": -1.0}}}, "optim.task_lr_scale.generation", "> 0"),
+        ({"optim": {"task_min_lr_ratio": {"understanding": 1.5}}}, "optim.task_min_lr_ratio.understanding", "[0, 1]"),
+        ({"optim": {"min_lr_ratio": -0.1}}, "optim.min_lr_ratio", "[0, 1]"),
     ],
 )
 def test_validation_names_the_field(data: dict, field: str, problem: str) -> None:

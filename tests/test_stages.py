@@ -122,13 +122,18 @@ def test_mixed_stage_in_bf16(world: dict, tmp_path: Path) -> None:
     assert meta["precision"] == "bf16"
 
 
-def test_task_lr_scale_multiplies_that_tasks_updates(world: dict, tmp_path: Path) -> None:
-    """A generation-only run at lr 2e-3 with generation scaled by 0.5 takes the steps of a run at lr 1e-3."""
-    # AdamW alone: under Muon the two runs' muon_lr would differ (it does not follow optim.lr)
-    gen_only = ("optim.task_ratio.understanding=0.0", "optim.task_ratio.generation=1.0", "optim.optimizer=adamw")
+def test_task_lr_scale_and_task_floor_set_that_tasks_updates(world: dict, tmp_path: Path) -> None:
+    """A generation-only run at lr 2e-3 with generation scaled by 0.5 takes the steps of a run at lr 1e-3; one whose
+    cosine decays to 0 with generation's own floor at 0.5 takes the steps of a run whose floor is 0.5."""
+    # AdamW alone: under Muon the two runs' muon_lr would differ (it does not follow optim.lr). No warm-up: the 3
+    # steps decay from the first, so the floors part at the second update.
+    gen_only = ("optim.task_ratio.understanding=0.0", "optim.task_ratio.generation=1.0", "optim.optimizer=adamw",
+                "optim.warmup_ratio=0.0", "optim.min_lr_ratio=0.5")
     # "full" names another task's scale: were it applied to these steps, "full" would equal "half" and "scaled"
     runs = {"scaled": ("optim.lr=2e-3", "optim.task_lr_scale.generation=0.5"), "half": ("optim.lr=1e-3",),
-            "full": ("optim.lr=2e-3", "optim.task_lr_scale.understanding=0.5")}
+            "full": ("optim.lr=2e-3", "optim.task_lr_scale.understanding=0.5"),
+            "floored": ("optim.lr=1e-3", "optim.min_lr_ratio=0.0", "optim.task_min_lr_ratio.generation=0.5"),
+            "other_floor": ("optim.lr=1e-3", "optim.min_lr_ratio=0.0", "optim.task_min_lr_ratio.understanding=0.5")}
     got, logged_lr = {}, {}
     for name, sets in runs.items():
         res = run(stage_cmd(world, "mixed", tmp_path / name, 3, *gen_only, *sets), world)
@@ -140,8 +145,16 @@ def test_task_lr_scale_multiplies_that_tasks_updates(world: dict, tmp_path: Path
     # the scale touches the update only: the schedule (and the logged lr) is the configured lr's, step after step
     assert logged_lr["scaled"] == pytest.approx(logged_lr["full"]) and all(x > 0 for x in logged_lr["scaled"])
     assert logged_lr["half"] == pytest.approx([x / 2 for x in logged_lr["full"]])
-    res = run(stage_cmd(world, "mixed", tmp_path / "bad", 1, "optim.task_lr_scale.drawing=2.0"), world)
-    assert res.returncode != 0 and "optim.task_lr_scale: ['drawing'] not a task of" in res.stderr
+    # generation's own floor: the steps of the run whose whole schedule has that floor; another task's floor is not
+    # applied to these steps (were it, "other_floor" would equal "half" too); the logged lr is the schedule's (floor 0)
+    assert got["floored"] == pytest.approx(got["half"], abs=1e-6)
+    assert got["other_floor"][3] != pytest.approx(got["half"][3], abs=1e-4)
+    assert logged_lr["floored"] == pytest.approx(logged_lr["other_floor"])
+    assert logged_lr["floored"][-1] < logged_lr["half"][-1]
+    for bad, field in (("optim.task_lr_scale.drawing=2.0", "task_lr_scale"),
+                       ("optim.task_min_lr_ratio.drawing=0.4", "task_min_lr_ratio")):
+        res = run(stage_cmd(world, "mixed", tmp_path / "bad", 1, bad), world)
+        assert res.returncode != 0 and f"optim.{field}: ['drawing'] not a task of" in res.stderr
 
 
 def test_semantic_align_trains_in_the_mixed_stage_and_stays_out_of_the_export(world: dict, tmp_path: Path) -> None:

@@ -41,6 +41,22 @@ def test_warmup_then_cosine_to_floor() -> None:
     assert factors[100] == pytest.approx(0.1)
 
 
+def test_a_tasks_own_floor_scales_its_steps_to_its_cosine() -> None:
+    """optim.task_min_lr_ratio: that task's step at ``step`` runs at the cosine to its floor — the same warm-up, the
+    ends at the two floors — and a task not named (or named at the stage's floor) at the schedule's lr."""
+    from unified_mllm.training.schedule import task_floor_scale
+
+    optim = cfg_with(max_steps=100, warmup_ratio=0.1, min_lr_ratio=0.1,
+                     task_min_lr_ratio={"understanding": 0.4, "generation": 0.1}).optim
+    own = cfg_with(max_steps=100, warmup_ratio=0.1, min_lr_ratio=0.4).optim
+    for step in (0, 5, 9, 10, 50, 99, 100):
+        scaled = lr_factor(step, optim) * task_floor_scale(step, optim, "understanding")
+        assert scaled == pytest.approx(lr_factor(step, own)), step
+        assert task_floor_scale(step, optim, "generation") == 1.0 and task_floor_scale(step, optim, "text") == 1.0
+    assert task_floor_scale(5, optim, "understanding") == pytest.approx(1.0)  # warm-up: one schedule
+    assert task_floor_scale(100, optim, "understanding") == pytest.approx(4.0)  # 0.4 / 0.1 at the end
+
+
 @pytest.mark.parametrize(("name", "stage"), [("zero2", 2), ("zero3", 3), ("zero3_offload", 3)])
 def test_ds_config_fills_every_auto(name: str, stage: int) -> None:
     cfg = load_config(StageConfig, {"deepspeed": {"config": f"stage_configs/deepspeed/{name}.json"},

@@ -195,6 +195,11 @@ class OptimConfig:
     """Fraction of max_steps spent in linear warm-up."""
     min_lr_ratio: float = 0.0
     """Cosine decay floor as a fraction of lr."""
+    task_min_lr_ratio: dict[str, float] = field(default_factory=dict)
+    """Stage mixed: a task's own cosine floor, e.g. {understanding: 0.4}: that task's steps update at the schedule
+    decaying to this fraction of lr instead of min_lr_ratio (the same warm-up and cosine; the logged lr stays the
+    schedule's). A task not named uses min_lr_ratio. Understanding's last skill (multiple choice) stops learning
+    where the rate falls, while generation wants the low-rate end (NOTES.md, sessions 26–27)."""
     grad_clip: float = 1.0
     """Gradient-norm clipping (0 disables; not applied with optimizer muon, whose updates have a fixed size)."""
     max_steps: int = 1000
@@ -235,6 +240,9 @@ class OptimConfig:
             check(size > 0, f"task_micro_batch_size.{task}", f"must be > 0, got {size}")  # the loader checks the type
         for task, scale in self.task_lr_scale.items():
             check(scale > 0, f"task_lr_scale.{task}", f"must be > 0, got {scale}")
+        check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        for task, floor in self.task_min_lr_ratio.items():
+            check(0.0 <= floor <= 1.0, f"task_min_lr_ratio.{task}", f"must be in [0, 1], got {floor}")
 
 
 @dataclass

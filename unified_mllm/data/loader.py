@@ -36,9 +36,9 @@ AHEAD_PER_WORKER = 16
 
 
 def check_task_names(field: str, names, tasks, recipe_path: str) -> None:
-    """A per-task field (optim.task_ratio, optim.task_micro_batch_size, optim.task_lr_scale, data.task_max_seq_len;
-    ``field`` without a section is optim's) that names a task the recipe does not have is one error naming the field: a
-    misspelt task would otherwise be ignored without a word."""
+    """A per-task field (optim.task_ratio, optim.task_micro_batch_size, optim.task_lr_scale, optim.task_min_lr_ratio,
+    data.task_max_seq_len; ``field`` without a section is optim's) that names a task the recipe does not have is one
+    error naming the field: a misspelt task would otherwise be ignored without a word."""
     if unknown := sorted(set(names) - set(tasks)):
         name = field if "." in field else f"optim.{field}"
         raise ValueError(f"{name}: {unknown} not a task of {recipe_path} (tasks: {sorted(tasks)})")

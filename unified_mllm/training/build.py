@@ -39,7 +39,8 @@ def build_data(cfg: StageConfig, model, tokenizer, rank: int, world_size: int):
             t.is_cuda for t in wintok.parameters()):
         raise ValueError(f"{cfg.data.recipe}: online tokenization with WinTok on the GPU runs in the main process; set "
                          f"data.num_workers: 0, or pretokenize the recipe (python -m unified_mllm.data.pretokenize)")
-    check_task_names("task_lr_scale", cfg.optim.task_lr_scale, {src.task for src in recipe.sources}, cfg.data.recipe)
+    for name in ("task_lr_scale", "task_min_lr_ratio"):
+        check_task_names(name, getattr(cfg.optim, name), {src.task for src in recipe.sources}, cfg.data.recipe)
     features = ImageFeatures(wintok if recipe.online_tokenization else None, cache)
     template = resolve_template(cfg.data.template, tokenizer, cfg.stage)
     if any(src.task in ("understanding", "text") for src in recipe.sources):

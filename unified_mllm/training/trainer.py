@@ -24,6 +24,7 @@ from unified_mllm.training.freeze import apply_trainables
 from unified_mllm.training.metrics import LogWindow, MetricsLogger
 from unified_mllm.training.optimizer import current_lrs, initialize_engine
 from unified_mllm.training.rng import rng_state, seed_everything, set_rng_state
+from unified_mllm.training.schedule import task_floor_scale
 
 
 class NonFiniteLoss(RuntimeError):
@@ -133,10 +134,14 @@ class StageTrainer:
 
     @contextmanager
     def task_lr(self, tasks: list[str]):
-        """The update inside runs at the scheduled lr × the mean ``optim.task_lr_scale`` of ``tasks``; afterwards each
-        group gets the scheduler's lr back (the next step's, or this one's when the engine skipped the update)."""
-        scales = self.cfg.optim.task_lr_scale
-        scale = sum(scales.get(t, 1.0) for t in tasks) / len(tasks) if tasks and scales else 1.0
+        """The update inside runs at the scheduled lr × the mean over ``tasks`` of ``optim.task_lr_scale`` × the
+        task's own floor's schedule against the stage's (``optim.task_min_lr_ratio``); afterwards each group gets the
+        scheduler's lr back (the next step's, or this one's when the engine skipped the update)."""
+        optim = self.cfg.optim
+        scale = 1.0
+        if tasks and (optim.task_lr_scale or optim.task_min_lr_ratio):
+            scale = sum(optim.task_lr_scale.get(t, 1.0) * task_floor_scale(self.step, optim, t)
+                        for t in tasks) / len(tasks)
         if scale == 1.0:
             yield
             return
