@@ -213,15 +213,18 @@ class UnifiedMLLM(lmms):
         """``(negative log-likelihood of the continuation, whether greedy decoding produces it)`` per request."""
         try:
             res = []
-            for req in tqdm(requests, disable=self.rank != 0, desc="unified_mllm loglikelihood"):
-                if len(req.args) >= 6:
-                    context, continuation, doc_to_visual, doc_id, task, split = req.args[:6]
-                    images = self._images(doc_to_visual(self._doc(task, split, doc_id))) if doc_to_visual else []
-                else:  # unconditional requests of acc_mutual_info: (context, continuation) only
-                    (context, continuation), images = req.args[:2], []
-                msgs = self._question(images, context)
-                ll, greedy = self.pipe.loglikelihood(msgs[0]["images"], msgs[0]["content"], continuation)
-                res.append(loglikelihood_response(-ll, greedy))
+            size = self.batch_size_per_gpu  # one forward a batch (the options of a question share its image)
+            for start in tqdm(range(0, len(requests), size), disable=self.rank != 0, desc="unified_mllm loglikelihood"):
+                items = []
+                for req in requests[start:start + size]:
+                    if len(req.args) >= 6:
+                        context, continuation, doc_to_visual, doc_id, task, split = req.args[:6]
+                        images = self._images(doc_to_visual(self._doc(task, split, doc_id))) if doc_to_visual else []
+                    else:  # unconditional requests of acc_mutual_info: (context, continuation) only
+                        (context, continuation), images = req.args[:2], []
+                    msgs = self._question(images, context)
+                    items.append((msgs[0]["images"], msgs[0]["content"], continuation))
+                res += [loglikelihood_response(-ll, greedy) for ll, greedy in self.pipe.loglikelihood_batch(items)]
             return res
         except EvaluationFailed:
             raise

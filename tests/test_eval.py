@@ -186,7 +186,9 @@ def _docs(task_dir: Path, task: str):
 def test_lmms_eval_loglikelihood_is_the_negative_log_likelihood(pipe, export, task_dir, lmms_env, tmp_path) -> None:
     """`python -m lmms_eval` itself, simple class: a multiple-choice task scored by our loglikelihood."""
     out = tmp_path / "out"
-    proc = python("-m", "lmms_eval", "--model", "unified_mllm", "--model_args", f"pretrained={export},device=cpu",
+    # batch_size 5: the 12 option requests run as batches of 5, 5 and 2, each compared below with the unbatched figure
+    proc = python("-m", "lmms_eval", "--model", "unified_mllm", "--model_args",
+                  f"pretrained={export},device=cpu,batch_size=5",
                   "--force_simple", "--include_path", str(task_dir), "--tasks",
                   "shapeworld_mc_heldin,shapeworld_pope_heldin", "--limit", "3", "--log_samples",
                   "--output_path", str(out), env=lmms_env)

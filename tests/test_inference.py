@@ -92,6 +92,28 @@ def test_loglikelihood_is_a_log_probability_and_flags_greedy(pipe: UnifiedPipeli
         assert pipe.loglikelihood([img], "is there a red circle ?", greedy)[1] is True
 
 
+def test_batched_loglikelihood_equals_one_at_a_time(pipe: UnifiedPipeline) -> None:
+    """lmms-eval's option requests run as one left-padded batch: each request's figures are those of the unbatched
+    forward over its own tokens (the reference computed here), whatever its neighbours' lengths and images."""
+    requests = [([shape_image(4)], "how many circles ?", "2"), (None, "is there a red square ?", "no"),
+                ([shape_image(5)], "what colour is the square ? answer with one word .", "red square"),
+                ([shape_image(4)], "how many circles ?", "")]
+    got = pipe.loglikelihood_batch(requests)
+    assert got[3] == (0.0, True)  # an empty continuation: nothing to score
+    for (images, context, continuation), (ll, greedy) in zip(requests[:3], got):
+        ctx_ids, imgs = pipe.prompt_ids(pipe.question_messages(images, context))
+        cont = pipe.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        sem, pix = pipe.encode_images(imgs)
+        seq = torch.tensor([ctx_ids + cont], device=pipe.device)
+        with torch.no_grad():
+            logits = pipe.model.llm(inputs_embeds=pipe.model.embed_inputs(seq, sem, pix), use_cache=False).logits[0]
+        pred = logits[len(ctx_ids) - 1:-1].float().log_softmax(-1)
+        target = torch.tensor(cont, device=pipe.device)
+        assert ll == pytest.approx(pred.gather(1, target[:, None]).sum().item(), abs=1e-4)
+        assert greedy is bool((pred.argmax(-1) == target).all())
+    assert pipe.loglikelihood(*requests[1]) == pytest.approx(got[1], abs=1e-4)
+
+
 def test_multi_turn_chat_with_images_anywhere(pipe: UnifiedPipeline) -> None:
     a, b = shape_image(2), shape_image(3)
     messages = [{"role": "user", "content": [{"type": "image", "image": a}, {"type": "text", "text": "how many ?"}]},

@@ -229,25 +229,40 @@ class UnifiedPipeline:
         """The next assistant turn of a multi-turn conversation with images anywhere (see ``prompt_ids``)."""
         return self.generate_text([messages], max_new_tokens, SamplingParams(temperature, top_k, top_p), seed=seed)[0]
 
-    @torch.inference_mode()
     def loglikelihood(self, images: list[ImageLike] | None, context: str, continuation: str) -> tuple[float, bool]:
         """(sum of log p(continuation | images, context), whether greedy decoding would produce it).
 
         The context is the user turn; the continuation is scored as the start of the assistant's reply.
         """
-        ctx_ids, imgs = self.prompt_ids(self.question_messages(images, context))
-        cont_ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        if not cont_ids:
-            return 0.0, True
-        ids = torch.tensor([ctx_ids + cont_ids], device=self.device)
-        sem, pix = self.encode_images(imgs)
-        embeds = self.model.embed_inputs(ids, sem, pix)
-        logits = self.model.llm(inputs_embeds=embeds, use_cache=False).logits[0].float()  # (L, V)
-        pred = logits[len(ctx_ids) - 1: -1].log_softmax(-1)  # (n, V)
-        target = torch.tensor(cont_ids, device=self.device)
-        logprob = pred.gather(1, target[:, None]).sum().item()
-        greedy = bool((pred.argmax(-1) == target).all())
-        return logprob, greedy
+        return self.loglikelihood_batch([(images, context, continuation)])[0]
+
+    @torch.inference_mode()
+    def loglikelihood_batch(self, requests: list[tuple[list[ImageLike] | None, str, str]]) -> list[tuple[float, bool]]:
+        """:meth:`loglikelihood` of several ``(images, context, continuation)`` requests in one left-padded forward
+        (lmms-eval's multiple-choice tasks ask one per option); an empty continuation is ``(0.0, True)``."""
+        seqs, lengths, images = [], [], []
+        for imgs, context, continuation in requests:
+            ctx_ids, ctx_images = self.prompt_ids(self.question_messages(imgs, context))
+            cont_ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            seqs.append(ctx_ids + cont_ids)
+            lengths.append(len(cont_ids))
+            if cont_ids:
+                images += ctx_images  # in row order: embed_inputs fills the batch's image slots in order
+        results = [(0.0, True)] * len(requests)
+        live = [i for i, n in enumerate(lengths) if n]
+        if not live:
+            return results
+        ids, mask, pos = self._left_pad([seqs[i] for i in live])
+        sem, pix = self.encode_images(images)
+        logits = self.model.llm(inputs_embeds=self.model.embed_inputs(ids, sem, pix), attention_mask=mask,
+                                position_ids=pos, use_cache=False).logits.float()  # (B, L, V)
+        end = ids.shape[1]
+        for row, i in enumerate(live):
+            n = lengths[i]
+            pred = logits[row, end - n - 1: end - 1].log_softmax(-1)  # (n, V): the predictions of the continuation
+            target = torch.tensor(seqs[i][-n:], device=self.device)
+            results[i] = (pred.gather(1, target[:, None]).sum().item(), bool((pred.argmax(-1) == target).all()))
+        return results
 
     # -------------------------------------------------------------------------------- image generation
     def _generation_prefix(self, caption: str) -> list[int]:
