@@ -117,3 +117,25 @@ def test_a_pretokenize_interrupted_before_digests_resumes(tmp_path: Path, monkey
     again = datasets.load_from_disk(str(resumed))
     assert again["key"] == full["key"] and again["digest"] == full["digest"]
     assert np.array_equal(np.array(again["pixel_codes"]), np.array(full["pixel_codes"]))
+
+
+def test_shards_encoded_in_worker_processes_are_the_same_cache(tmp_path: Path, monkeypatch) -> None:
+    """The command's default on a CPU: shards encoded by spawned worker processes (one thread each), joined in key
+    order — the cache one process writes, and an unreadable image is still a counted skip."""
+    import unified_mllm.data.pretokenize as pt
+
+    data, wintok = shapeworld_and_wintok(tmp_path, monkeypatch, 20, 2)
+    monkeypatch.setattr(pt, "SHARD", 6)  # 4 shards for 2 workers
+    one, s1 = pretokenize("data_recipes/shapeworld_align.yaml", wintok, 4, str(tmp_path / "one"), workers=1)
+    bad = sorted((data / "images" / "train").glob("*.png"))[3]
+    two, s2 = pretokenize("data_recipes/shapeworld_align.yaml", wintok, 4, str(tmp_path / "two"), workers=2)
+    assert s1["images"] == s2["images"] == 20 and s2["skipped"] == 0
+    assert s1["workers"] == 1 and s2["workers"] == 2
+    a = datasets.load_from_disk(str(one)).with_format("numpy")
+    b = datasets.load_from_disk(str(two)).with_format("numpy")
+    assert list(a["key"]) == list(b["key"]) and list(a["digest"]) == list(b["digest"])
+    assert np.array_equal(a["pixel_codes"], b["pixel_codes"])
+    np.testing.assert_allclose(np.asarray(a["semantic"], np.float32), np.asarray(b["semantic"], np.float32), atol=2e-3)
+    bad.write_bytes(b"not a png")
+    _, s3 = pretokenize("data_recipes/shapeworld_align.yaml", wintok, 4, str(tmp_path / "three"), workers=2)
+    assert s3["images"] == 19 and s3["skipped"] == 1

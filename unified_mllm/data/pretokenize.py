@@ -75,10 +75,76 @@ def with_digests(shard, by_key: dict):
     return shard.add_column("digest", [content_digest(by_key.get(k, k)) for k in shard["key"]])
 
 
-def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | None = None) -> tuple[Path, dict]:
+def resolve_workers(workers: int, wintok) -> int:
+    """``workers`` processes to encode shards in; 0: one per CPU core when WinTok is on the CPU, else 1. The tiny
+    WinTok's ops are too small for two threads to pay (1,016 images/s on one thread, 1,299 on two); two processes
+    of one thread encoded the quickstart's 50,000 images in 34.5–34.8 s against 36.1–43.3 s for one process on two
+    threads, the same codes to the bit (NOTES.md, session 27)."""
+    if workers > 0:
+        return workers
+    on_cpu = all(p.device.type == "cpu" for p in wintok.parameters())
+    return max(1, os.cpu_count() or 1) if on_cpu else 1
+
+
+_WORKER_WINTOK = None
+
+
+def _init_worker(wintok, threads: int) -> None:
+    global _WORKER_WINTOK
+    torch.set_num_threads(threads)
+    _WORKER_WINTOK = wintok
+
+
+def _encode_shard_job(job: tuple) -> tuple[int, int]:
+    return encode_shard(_WORKER_WINTOK, *job)
+
+
+def encode_shard(wintok, shard_dir: Path, by_key: dict, known: dict, batch_size: int) -> tuple[int, int]:
+    """Encode the images ``by_key`` (key → reference, in shard order) into the finished shard ``shard_dir``, taking
+    the rows of ``known`` keys from another cache. Returns (skipped unreadable images, reused rows)."""
+    from tokenizer import preprocess
+
+    rows = {"key": [], "digest": [], "pixel_codes": [], "semantic": []}
+    part = list(by_key)
+    skipped = reused = 0
+    for b in range(0, len(part), batch_size):
+        images, keys, digests = [], [], []
+        for key in part[b:b + batch_size]:
+            if key in known:
+                digest, codes, sem = known[key]
+                rows["key"].append(key)
+                rows["digest"].append(digest or content_digest(by_key[key]))
+                rows["pixel_codes"].append(codes)
+                rows["semantic"].append(sem)
+                reused += 1
+                continue
+            try:
+                image, digest = read_image(by_key[key])
+                images.append(image)
+                keys.append(key)
+                digests.append(digest)
+            except BadSample as e:
+                skipped += 1
+                print(f"skipped: {e}", file=sys.stderr)
+        if not images:
+            continue
+        with torch.inference_mode():
+            enc = wintok.encode(preprocess(images, wintok.config.image_size))
+        rows["key"] += keys
+        rows["digest"] += digests
+        rows["pixel_codes"] += [c.to(torch.int16).numpy() for c in enc.pixel_codes]
+        rows["semantic"] += [s.to(torch.float16).numpy() for s in enc.semantic_tokens]
     import datasets
 
-    from tokenizer import preprocess
+    tmp = shard_dir.with_suffix(".tmp")
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp))
+    tmp.rename(shard_dir)  # a shard exists only once complete
+    return skipped, reused
+
+
+def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | None = None,
+                workers: int = 1) -> tuple[Path, dict]:
+    import datasets
 
     recipe = load_recipe(recipe_path)
     if out_root:
@@ -101,52 +167,30 @@ def pretokenize(recipe_path: str, wintok, batch_size: int = 64, out_root: str | 
     shards = out.parent / (out.name + ".shards")
     shards.mkdir(parents=True, exist_ok=True)
     known = encoded_elsewhere(out)
-    skipped = reused = 0
     t0 = time.time()
-    for start in range(0, len(refs), SHARD):
-        shard_dir = shards / f"{start // SHARD:05d}"
-        if shard_dir.is_dir():
-            continue
-        rows = {"key": [], "digest": [], "pixel_codes": [], "semantic": []}
-        part = refs[start:start + SHARD]
-        for b in range(0, len(part), batch_size):
-            images, keys, digests = [], [], []
-            for key in part[b:b + batch_size]:
-                if key in known:
-                    digest, codes, sem = known[key]
-                    rows["key"].append(key)
-                    rows["digest"].append(digest or content_digest(by_key[key]))
-                    rows["pixel_codes"].append(codes)
-                    rows["semantic"].append(sem)
-                    reused += 1
-                    continue
-                try:
-                    image, digest = read_image(by_key[key])
-                    images.append(image)
-                    keys.append(key)
-                    digests.append(digest)
-                except BadSample as e:
-                    skipped += 1
-                    print(f"skipped: {e}", file=sys.stderr)
-            if not images:
-                continue
-            with torch.inference_mode():
-                enc = wintok.encode(preprocess(images, wintok.config.image_size))
-            rows["key"] += keys
-            rows["digest"] += digests
-            rows["pixel_codes"] += [c.to(torch.int16).numpy() for c in enc.pixel_codes]
-            rows["semantic"] += [s.to(torch.float16).numpy() for s in enc.semantic_tokens]
-        tmp = shard_dir.with_suffix(".tmp")
-        datasets.Dataset.from_dict(rows).save_to_disk(str(tmp))
-        tmp.rename(shard_dir)  # a shard exists only once complete
+    todo = [(shards / f"{start // SHARD:05d}", refs[start:start + SHARD]) for start in range(0, len(refs), SHARD)]
+    todo = [(d, part) for d, part in todo if not d.is_dir()]
+    jobs = [(d, {k: by_key[k] for k in part}, {k: known[k] for k in part if k in known}, batch_size) for d, part in todo]
+    workers = min(resolve_workers(workers, wintok), len(jobs))
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(wintok, threads)) as pool:
+            counts = list(pool.map(_encode_shard_job, jobs))
+    else:
+        counts = [encode_shard(wintok, *job) for job in jobs]
+    skipped, reused = sum(c[0] for c in counts), sum(c[1] for c in counts)
     parts = [with_digests(datasets.load_from_disk(str(p)), by_key) for p in sorted(shards.iterdir())
              if p.suffix != ".tmp"]
     full = datasets.concatenate_datasets(parts) if parts else datasets.Dataset.from_dict(
         {"key": [], "digest": [], "pixel_codes": [], "semantic": []})
     full.save_to_disk(str(out))
     shutil.rmtree(shards)
-    return out, {"images": len(full), "skipped": skipped, "reused": reused, "seconds": round(time.time() - t0, 1),
-                 "images_per_s": round(len(full) / max(time.time() - t0, 1e-9), 1)}
+    return out, {"images": len(full), "skipped": skipped, "reused": reused, "workers": max(workers, 1),
+                 "seconds": round(time.time() - t0, 1), "images_per_s": round(len(full) / max(time.time() - t0, 1e-9), 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,11 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wintok", required=True, help="WinTok checkpoint (dir, .pth or .safetensors)")
     p.add_argument("--out", default=None, help="cache root (default: the recipe's pretokenize_dir or runs/pretokenized)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="processes encoding shards (0: one per CPU core when WinTok "
+                   "runs on the CPU, each on its share of the threads; 1: this process)")
     a = p.parse_args(argv)
     try:
         wintok = WinTok.from_checkpoint(a.wintok).freeze()
         for recipe in dict.fromkeys(a.recipe):
-            out, stats = pretokenize(recipe, wintok, a.batch_size, a.out)
+            out, stats = pretokenize(recipe, wintok, a.batch_size, a.out, a.workers)
             print(f"pretokenized → {out}: {stats}", flush=True)
     except (ConfigError, WinTokLoadError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
