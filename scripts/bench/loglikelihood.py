@@ -17,7 +17,6 @@ import argparse
 import json
 import random
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,9 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate import random_tiny_export, timed  # noqa: E402  (the same random export and timer)
-
-from unified_mllm.inference import UnifiedPipeline  # noqa: E402
+from generate import add_pipeline_args, load_pipeline, timed  # noqa: E402  (the same pipeline and timer)
 
 
 def requests(n: int, seed: int = 0) -> list[tuple[list, str, str]]:
@@ -48,21 +45,15 @@ def requests(n: int, seed: int = 0) -> list[tuple[list, str, str]]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="an export directory (default: random ShapeWorld-tiny weights)")
+    add_pipeline_args(p)
     p.add_argument("--questions", type=int, default=50, help="multiple-choice questions (4 requests each)")
     p.add_argument("--batch-size", type=int, default=32, help="requests a forward (the lmms-eval plugin's batch_size)")
-    p.add_argument("--repeats", type=int, default=3, help="each path is timed this many times; the fastest counts")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--json", help="also write the figures here")
     a = p.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = a.checkpoint or random_tiny_export(Path(tmp))
-        pipe = UnifiedPipeline.from_pretrained(ckpt, a.device, a.dtype)
+    pipe, label = load_pipeline(a)
     reqs = requests(a.questions)
     print(f"{len(reqs)} requests ({a.questions} questions × 4 options), device {pipe.device}, {pipe.dtype}, "
-          f"{torch.get_num_threads()} threads, {ckpt if a.checkpoint else 'ShapeWorld-tiny, random weights'}")
+          f"{torch.get_num_threads()} threads, {label}")
 
     def batched() -> list:
         return [r for s in range(0, len(reqs), a.batch_size) for r in pipe.loglikelihood_batch(reqs[s:s + a.batch_size])]
