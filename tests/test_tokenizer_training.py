@@ -214,6 +214,26 @@ def test_entropy_loss_prefers_confident_and_diverse_codes() -> None:
     assert entropy_loss(diverse, 0.01) < entropy_loss(collapsed, 0.01)
 
 
+def test_teacher_trains_under_bf16_autocast_with_fp32_weights(shapeworld: Path, tmp_path: Path) -> None:
+    """The quickstart trains its teacher under bf16 autocast where the CPU multiplies bf16 natively (auto); the saved
+    weights stay fp32 and it learns as the fp32 run does (same seed, same steps)."""
+    from safetensors.torch import load_file
+
+    from tokenizer.teacher import teacher_precision, train_shapeworld_teacher
+    from unified_mllm.training.ds_config import cpu_has_native_bf16
+
+    assert teacher_precision("auto") == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert teacher_precision("fp32") == "fp32" and teacher_precision("bf16") == "bf16"
+    with pytest.raises(ValueError, match="--precision 'fp16'"):
+        teacher_precision("fp16")
+    metas = {p: train_shapeworld_teacher(shapeworld, tmp_path / p, 16, 40, 16, 96, precision=p)
+             for p in ("fp32", "bf16")}
+    assert metas["bf16"]["precision"] == "bf16" and metas["fp32"]["precision"] == "fp32"
+    assert all(t.dtype == torch.float32 for t in load_file(str(tmp_path / "bf16" / "model.safetensors")).values())
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["precision"] == "bf16"
+    assert abs(metas["bf16"]["final_loss"] - metas["fp32"]["final_loss"]) < 0.1 * metas["fp32"]["final_loss"]
+
+
 def test_teacher_cli_trains_and_loads(shapeworld: Path, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

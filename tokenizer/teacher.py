@@ -189,8 +189,24 @@ def _labels(scene: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return presence, counts.clamp(max=MAX_COUNT)
 
 
+def teacher_precision(precision: str) -> str:
+    """'bf16' or 'fp32' for training the ShapeWorld teacher (on the CPU). ``auto``: bf16 autocast on a CPU that
+    multiplies bf16 natively (AVX512-BF16 or AMX), where its convolutions' step is ~2x fp32's (NOTES.md, session 28);
+    fp32 elsewhere."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"--precision {precision!r}: use auto, bf16 or fp32")
+    if precision != "auto":
+        return precision
+    from unified_mllm.training.ds_config import cpu_has_native_bf16
+
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 def train_shapeworld_teacher(data: Path, out: Path, embed_dim: int, steps: int, batch_size: int,
-                             max_images: int, seed: int = 0) -> dict:
+                             max_images: int, seed: int = 0, precision: str = "fp32") -> dict:
+    """Train the ShapeWorld teacher on the first ``max_images`` training scenes (a tenth held out for the accuracies
+    in its config). ``precision``: fp32, bf16 (the forward under bf16 autocast; weights, optimizer and the saved
+    model stay fp32) or auto (:func:`teacher_precision`)."""
     from PIL import Image
 
     from tokenizer.preprocess import preprocess
@@ -210,14 +226,17 @@ def train_shapeworld_teacher(data: Path, out: Path, embed_dim: int, steps: int, 
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     g = torch.Generator().manual_seed(seed)
+    precision = teacher_precision(precision)
     t0 = time.time()
     for _ in range(steps):
         idx = torch.randint(n_val, len(scenes), (batch_size,), generator=g)
-        tokens = model.token_embeddings(images[idx])
-        pres_logits, count_logits = model.heads(tokens.mean(1))
-        loss = F.binary_cross_entropy_with_logits(pres_logits, presence[idx]) + F.cross_entropy(
-            count_logits.reshape(-1, MAX_COUNT + 1), counts[idx].reshape(-1)) + F.cross_entropy(
-            model.cells(F.gelu(tokens)).flatten(0, 1), cells[idx].flatten())
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            tokens = model.token_embeddings(images[idx])
+            pres_logits, count_logits = model.heads(tokens.mean(1))
+            cell_logits = model.cells(F.gelu(tokens))
+        loss = F.binary_cross_entropy_with_logits(pres_logits.float(), presence[idx]) + F.cross_entropy(
+            count_logits.float().reshape(-1, MAX_COUNT + 1), counts[idx].reshape(-1)) + F.cross_entropy(
+            cell_logits.float().flatten(0, 1), cells[idx].flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -229,7 +248,7 @@ def train_shapeworld_teacher(data: Path, out: Path, embed_dim: int, steps: int, 
         presence_acc = ((pres_logits > 0).float() == presence[:n_val]).all(1).float().mean().item()
         count_acc = (count_logits.argmax(-1) == counts[:n_val]).all(1).float().mean().item()
         cell_acc = (model.cells(F.gelu(tokens)).argmax(-1) == cells[:n_val]).all(1).float().mean().item()
-    meta = {"width": 48, "steps": steps, "train_images": len(scenes) - n_val, "val_images": n_val,
+    meta = {"width": 48, "steps": steps, "precision": precision, "train_images": len(scenes) - n_val, "val_images": n_val,
             "val_exact_presence_acc": round(presence_acc, 4), "val_exact_counts_acc": round(count_acc, 4),
             "val_exact_cells_acc": round(cell_acc, 4),
             "train_seconds": round(time.time() - t0, 1), "final_loss": round(loss.item(), 4)}
@@ -245,13 +264,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-images", type=int, default=8000)
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 autocast on a CPU with native bf16 (AVX512-BF16 or AMX), else fp32")
     a = p.parse_args(argv)
     data = Path(a.data)
     if not (data / "scenes_train.jsonl").is_file():
         print(f"error: {data}/scenes_train.jsonl not found; generate ShapeWorld with "
               f"`python -m unified_mllm.shapeworld --out {data}`", file=sys.stderr)
         return 2
-    meta = train_shapeworld_teacher(data, Path(a.out), a.embed_dim, a.steps, a.batch_size, a.max_images)
+    meta = train_shapeworld_teacher(data, Path(a.out), a.embed_dim, a.steps, a.batch_size, a.max_images,
+                                    precision=a.precision)
     print(f"teacher saved to {a.out}: {json.dumps(meta)}")
     return 0
 
