@@ -16,7 +16,9 @@ scoring functions are lmms-eval's own (imported with ``!function lmms_eval.tasks
 | ``shapeworld_mc_<split>`` | ``output_type: multiple_choice`` | multiple choice | acc, acc_norm (from log-likelihoods) |
 
 The ``shapeworld_mc_*`` tasks score answers by log-likelihood, so they need the simple model class
-(``--force_simple``); the others run with either class.
+(``--force_simple``); the others run with either class. Their options are scored as the model answers them: the
+letter right after the assistant prompt (``target_delimiter: ""``; lmms-eval's default " A" is a token the model
+never puts there).
 """
 
 from __future__ import annotations
@@ -153,6 +155,7 @@ doc_to_visual: !function lmms_eval.tasks.pope.utils.pope_doc_to_visual
 doc_to_text: "prompt"
 doc_to_choice: ["A", "B", "C", "D"]
 doc_to_target: "label"
+target_delimiter: ""
 metric_list:
   - metric: acc
     aggregation: mean

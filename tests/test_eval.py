@@ -197,12 +197,14 @@ def test_lmms_eval_loglikelihood_is_the_negative_log_likelihood(pipe, export, ta
     assert len(found) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(found[0].read_text())
     assert res["n-samples"]["shapeworld_mc_heldin"]["effective"] == 3
+    assert res["configs"]["shapeworld_mc_heldin"]["target_delimiter"] == ""  # not " A": see the pipeline's test
     docs = _docs(task_dir, "shapeworld_mc_heldin")
     hits = []
     for s in _samples(out, "shapeworld_mc_heldin"):
         doc = docs[s["doc_id"]]
         nll = [float(r[0]) for r in s["filtered_resps"]]
-        want = [-pipe.loglikelihood([doc["image"]], doc["prompt"], f" {letter}")[0] for letter in "ABCD"]
+        # each option is the letter right after the assistant prompt, as the model answers (target_delimiter "")
+        want = [-pipe.loglikelihood([doc["image"]], doc["prompt"], letter)[0] for letter in "ABCD"]
         assert nll == pytest.approx(want, abs=1e-3)
         assert min(nll) >= 0 and len(set(round(x, 4) for x in nll)) > 1  # letters are real, distinct tokens
         hits.append(float(max(range(4), key=lambda i: -want[i]) == doc["label"]))

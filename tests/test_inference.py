@@ -102,7 +102,10 @@ def test_batched_loglikelihood_equals_one_at_a_time(pipe: UnifiedPipeline) -> No
     assert got[3] == (0.0, True)  # an empty continuation: nothing to score
     for (images, context, continuation), (ll, greedy) in zip(requests[:3], got):
         ctx_ids, imgs = pipe.prompt_ids(pipe.question_messages(images, context))
-        cont = pipe.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        whole = pipe.tokenizer(pipe.prompt_text(pipe.question_messages(images, context))[0] + continuation,
+                               add_special_tokens=False)["input_ids"]
+        assert whole[:len(ctx_ids)] == ctx_ids
+        cont = whole[len(ctx_ids):]
         sem, pix = pipe.encode_images(imgs)
         seq = torch.tensor([ctx_ids + cont], device=pipe.device)
         with torch.no_grad():
@@ -112,6 +115,32 @@ def test_batched_loglikelihood_equals_one_at_a_time(pipe: UnifiedPipeline) -> No
         assert ll == pytest.approx(pred.gather(1, target[:, None]).sum().item(), abs=1e-4)
         assert greedy is bool((pred.argmax(-1) == target).all())
     assert pipe.loglikelihood(*requests[1]) == pytest.approx(got[1], abs=1e-4)
+
+
+def test_an_option_is_scored_as_the_tokens_training_taught_after_the_prompt(tmp_path: Path) -> None:
+    """lmms-eval's log-likelihood multiple choice scores each option letter as the assistant's reply. Training
+    tokenizes the reply in the conversation's text, where a SentencePiece vocabulary spells "B" after the template's
+    newline without the word-start mark; scored alone it is "▁B", which the model never learnt to put there, and
+    every option scored ~e^-18 (chance, 0.175 on 40 questions the model answers at 0.85: NOTES.md, session 28)."""
+    from unified_mllm.data.masking import tokenize_conversation
+    from unified_mllm.data.templates import CHATML
+    from unified_mllm.data.text_tokenizer import train_text_tokenizer
+    from unified_mllm.inference.pipeline import continuation_ids
+
+    mc = "What color is the circle?\nA. red\nB. green\nC. blue\nD. cyan\nAnswer with the option's letter directly."
+    tok = train_text_tokenizer([mc, "How many circles?\nAnswer with one word.", "A", "2", "B"] * 100, tmp_path / "tok",
+                               vocab_size=400)
+    for answer in ("B", "2", "green circle"):
+        ids, labels = tokenize_conversation([{"role": "user", "content": mc}, {"role": "assistant", "content": answer}],
+                                            tok, CHATML)
+        labelled = [i for i, lab in zip(ids, labels) if lab != -100]
+        taught = labelled[:labelled.index(tok.convert_tokens_to_ids("<|im_end|>"))]  # the reply, not its turn's end
+        prompt = tok.apply_chat_template([{"role": "user", "content": mc}], tokenize=False, add_generation_prompt=True)
+        whole, n = continuation_ids(tok, prompt, answer)
+        assert whole[-n:] == taught and n == len(taught), (tok.convert_ids_to_tokens(whole[-n:]), answer)
+    assert tok.convert_ids_to_tokens(continuation_ids(tok, prompt, "B")[0][-1:]) == ["B"]
+    assert tok.convert_ids_to_tokens(tok("B", add_special_tokens=False)["input_ids"]) == ["▁B"]  # the old, wrong form
+    assert continuation_ids(tok, prompt, "") == (tok(prompt, add_special_tokens=False)["input_ids"], 0)
 
 
 def test_multi_turn_chat_with_images_anywhere(pipe: UnifiedPipeline) -> None:

@@ -50,6 +50,15 @@ class GenerationStats:
     seconds: float = 0.0
 
 
+def continuation_ids(tokenizer, prompt: str, continuation: str) -> tuple[list[int], int]:
+    """(ids of ``prompt + continuation``, how many of them are the continuation's), tokenized as one text, as
+    training tokenizes a conversation: after the chat template's newline a SentencePiece vocabulary spells the answer
+    "A" as ``A``, alone as ``▁A`` — a token the model never learnt to put there (lm-eval splits the same way)."""
+    whole = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
+    n = len(whole) - len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if continuation else 0
+    return whole, max(0, n)
+
+
 class UnifiedPipeline:
     """A loaded unified model with its text tokenizer and WinTok, ready for inference."""
 
@@ -118,7 +127,13 @@ class UnifiedPipeline:
         return IMG_START + IMAGE * self.config.num_und_slots + IMG_END
 
     def prompt_ids(self, messages: list[dict]) -> tuple[list[int], list[ImageLike]]:
-        """Chat messages → (input ids ending with the assistant prompt, images in slot order).
+        """Chat messages → (input ids ending with the assistant prompt, images in slot order); see
+        :meth:`prompt_text`."""
+        text, images = self.prompt_text(messages)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"], images
+
+    def prompt_text(self, messages: list[dict]) -> tuple[str, list[ImageLike]]:
+        """Chat messages → (the rendered text ending with the assistant prompt, images in slot order).
 
         A message is {"role": "user"|"assistant"|"system", "content": str | list of parts}; a part is
         {"type": "text", "text": ...} or {"type": "image", "image": PIL image or path}. In a string content, each
@@ -141,9 +156,7 @@ class UnifiedPipeline:
                                  f"{len(msg_images)} images")
             images += msg_images
             rendered.append({"role": m["role"], "content": content.replace(IMAGE, self._slots())})
-        text = render(self.tokenizer, rendered, self.template, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids, images
+        return render(self.tokenizer, rendered, self.template, add_generation_prompt=True), images
 
     def question_messages(self, images: list[ImageLike] | None, question: str) -> list[dict]:
         images = list(images or [])
@@ -242,11 +255,11 @@ class UnifiedPipeline:
         (lmms-eval's multiple-choice tasks ask one per option); an empty continuation is ``(0.0, True)``."""
         seqs, lengths, images = [], [], []
         for imgs, context, continuation in requests:
-            ctx_ids, ctx_images = self.prompt_ids(self.question_messages(imgs, context))
-            cont_ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-            seqs.append(ctx_ids + cont_ids)
-            lengths.append(len(cont_ids))
-            if cont_ids:
+            prompt, ctx_images = self.prompt_text(self.question_messages(imgs, context))
+            seq, n = continuation_ids(self.tokenizer, prompt, continuation)
+            seqs.append(seq)
+            lengths.append(n)
+            if n:
                 images += ctx_images  # in row order: embed_inputs fills the batch's image slots in order
         results = [(0.0, True)] * len(requests)
         live = [i for i, n in enumerate(lengths) if n]
