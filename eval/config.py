@@ -63,6 +63,10 @@ class LmmsEvalConfig:
     """Set HF_HUB_OFFLINE/HF_DATASETS_OFFLINE for the run (datasets must already be in the cache)."""
     timeout_s: int = 86400
     """Give up on the lmms-eval process after this many seconds."""
+    beside: bool = True
+    """On a CPU with two or more threads, run lmms-eval's process beside the suite's other parts, each on half the
+    threads, instead of before them (the quickstart's eval ~8 s faster on 2 cores, NOTES.md session 28). On CUDA it
+    always runs first and alone: one copy of the model on the GPU at a time."""
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")

@@ -41,6 +41,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 from collections import defaultdict  # noqa: E402
 
+import torch  # noqa: E402
 from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.api.model import lmms  # noqa: E402
 from loguru import logger  # noqa: E402
@@ -100,8 +101,9 @@ class UnifiedMLLM(lmms):
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
             device = f"cuda:{self.accelerator.local_process_index}"
         self.pipe = self._load(pretrained, device or "auto", dtype)
+        threads = f", {torch.get_num_threads()} threads" if self.pipe.device.type == "cpu" else ""
         logger.info(f"unified_mllm: loaded {pretrained} on {self.pipe.device} ({self.pipe.dtype}), "
-                    f"batch size {self.batch_size_per_gpu}")
+                    f"batch size {self.batch_size_per_gpu}{threads}")
 
     @staticmethod
     def _load(pretrained: str, device: str, dtype: str):

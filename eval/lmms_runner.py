@@ -86,11 +86,14 @@ def lmms_eval_command(checkpoint: str | Path, tasks: list[str], output_path: str
 
 
 def run_lmms_eval(checkpoint: str | Path, tasks: list[str], output_path: str | Path, offline: bool = True,
-                  timeout_s: int | None = None, log=print, **kwargs) -> LmmsEvalResult:
-    """Run lmms-eval in a subprocess (its own logging, accelerate and CUDA state) and read its results file."""
+                  timeout_s: int | None = None, log=print, threads: int | None = None, **kwargs) -> LmmsEvalResult:
+    """Run lmms-eval in a subprocess (its own logging, accelerate and CUDA state) and read its results file.
+    ``threads``: the subprocess's OMP_NUM_THREADS (None: inherited)."""
     Path(output_path).mkdir(parents=True, exist_ok=True)
     cmd = lmms_eval_command(checkpoint, tasks, output_path, **kwargs)
     env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     if offline:
         env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     root = str(Path(__file__).resolve().parents[1])

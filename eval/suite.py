@@ -68,8 +68,11 @@ def run_shapeworld(cfg: SuiteConfig, pipe, out: Path, log) -> tuple[list[Entry],
     return entries, {"files": str(out / "shapeworld.json"), "splits": brief}, samples
 
 
-def run_lmms(cfg: SuiteConfig, checkpoint: str, out: Path, log) -> tuple[list[Entry], dict, list]:
-    from eval.lmms_runner import run_lmms_eval
+def lmms_tasks(cfg: SuiteConfig, out: Path) -> tuple[list[str], str | None, dict[str, int]]:
+    """The lmms-eval part's tasks, include path and local ShapeWorld tasks (written under ``out``): its in-process
+    work, done in the suite's main thread (imports are not thread-safe: datasets read a half-imported transformers
+    when this ran beside the pipeline's loading)."""
+    import eval.lmms_runner  # noqa: F401  (imported here, not first in the thread that runs it)
     from eval.shapeworld_tasks import task_name, write_tasks
 
     c = cfg.lmms_eval
@@ -80,10 +83,19 @@ def run_lmms(cfg: SuiteConfig, checkpoint: str, out: Path, log) -> tuple[list[En
         local = write_tasks(cfg.data, task_dir, tuple(c.shapeworld_splits), tuple(c.shapeworld_kinds))
         tasks += [task_name(k, s) for s in c.shapeworld_splits for k in c.shapeworld_kinds]
         include = str(task_dir)
+    return tasks, include, local
+
+
+def run_lmms(cfg: SuiteConfig, checkpoint: str, out: Path, log, threads: int | None = None,
+             prepared: tuple[list[str], str | None, dict[str, int]] | None = None) -> tuple[list[Entry], dict, list]:
+    from eval.lmms_runner import run_lmms_eval
+
+    c = cfg.lmms_eval
+    tasks, include, local = prepared or lmms_tasks(cfg, out)
     simple = c.model_class == "simple" or (c.model_class == "auto" and "mc" in c.shapeworld_kinds)
     res = run_lmms_eval(checkpoint, tasks, out / "results", offline=c.offline, timeout_s=c.timeout_s, log=log,
                         include_path=include, batch_size=c.batch_size, limit=c.limit, device=cfg.device,
-                        max_new_tokens=c.max_new_tokens, force_simple=simple)
+                        max_new_tokens=c.max_new_tokens, force_simple=simple, threads=threads)
     entries = []
     for task, metrics in res.metrics.items():
         is_local = task in local
@@ -150,7 +162,23 @@ def run_grounding(cfg: SuiteConfig, pipe, out: Path, log) -> tuple[list[Entry], 
 
 
 PARTS = {"lmms_eval": run_lmms, "shapeworld": run_shapeworld, "grounding": run_grounding, "geneval": run_geneval, "dpg": run_dpg}
-"""Run order: lmms-eval first, in its own process, before this one loads the model (one copy on the GPU at a time)."""
+"""Run order: lmms-eval first, in its own process, before this one loads the model (one copy on the GPU at a time).
+On a CPU (:func:`lmms_threads_beside`) the other parts but the last run beside it, on the other half of the threads;
+the last, the ShapeWorld bench when it runs, then takes them all."""
+
+
+def lmms_threads_beside(cfg: SuiteConfig) -> int | None:
+    """Threads for lmms-eval's process when it runs beside the suite's other parts (half of this process's, which
+    keeps the rest while it runs), or None when it runs first and alone: disabled, asked not to, on CUDA, or on one
+    thread."""
+    import torch
+
+    on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    others = any(getattr(cfg, name).enabled for name in PARTS if name != "lmms_eval")
+    threads = torch.get_num_threads()
+    if not (cfg.lmms_eval.enabled and cfg.lmms_eval.beside and others) or on_cuda or threads < 2:
+        return None
+    return threads // 2
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -190,32 +218,72 @@ def run_suite(checkpoint: str, cfg: SuiteConfig, out: str | Path, config_name: s
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = None
-    entries: list[Entry] = []
+    results: dict[str, tuple[list[Entry], dict, list]] = {}
     parts: dict[str, dict] = {}
-    samples: list[tuple[str, str]] = []
-    for name, fn in PARTS.items():
-        if not getattr(cfg, name).enabled:
-            continue
-        log(f"[suite] {name}")
-        start = time.perf_counter()
+
+    def attempt(name: str, fn):
+        """fn()'s result, or None with the part recorded as failed."""
         try:
-            if name == "lmms_eval":
-                e, detail, s = fn(cfg, checkpoint, out / name, log)
-            else:
-                pipe = pipe or load_pipeline(checkpoint, cfg.device, cfg.dtype)
-                e, detail, s = fn(cfg, pipe, out / name, log)
+            return fn()
         except EvalError as err:
             parts[name] = {"status": "failed", "error": str(err)}
             log(f"[suite] {name} failed: {err}")
-            continue
         except Exception as err:  # a bug in one part must not lose the others' numbers; the traceback is kept
             parts[name] = {"status": "failed", "error": f"{type(err).__name__}: {err}",
                            "traceback": traceback.format_exc()}
             log(f"[suite] {name} failed:\n{traceback.format_exc()}")
-            continue
-        entries += e
-        samples += s
-        parts[name] = {"status": "ok", "seconds": round(time.perf_counter() - start, 1), **detail}
+        return None
+
+    def run_part(name: str, fn=None) -> None:
+        nonlocal pipe
+        log(f"[suite] {name}")
+        start = time.perf_counter()
+
+        def default():
+            nonlocal pipe
+            if name == "lmms_eval":
+                return PARTS[name](cfg, checkpoint, out / name, log)
+            pipe = pipe or load_pipeline(checkpoint, cfg.device, cfg.dtype)
+            return PARTS[name](cfg, pipe, out / name, log)
+
+        if (result := attempt(name, fn or default)) is not None:
+            results[name] = result
+            parts[name] = {"status": "ok", "seconds": round(time.perf_counter() - start, 1), **result[1]}
+
+    enabled = [name for name in PARTS if getattr(cfg, name).enabled]
+    beside = lmms_threads_beside(cfg)
+    if beside is None:
+        for name in enabled:
+            run_part(name)
+    else:
+        import threading
+
+        import torch
+
+        threads = torch.get_num_threads()
+        lmms = None
+        if (prepared := attempt("lmms_eval", lambda: lmms_tasks(cfg, out / "lmms_eval"))) is not None:
+            # the thread only waits on lmms-eval's process; everything in-process stays in this thread
+            lmms = threading.Thread(target=run_part, name="lmms-eval", args=("lmms_eval", lambda: run_lmms(
+                cfg, checkpoint, out / "lmms_eval", log, beside, prepared)))
+            lmms.start()
+            torch.set_num_threads(threads - beside)
+        order = [name for name in enabled if name not in ("lmms_eval", "shapeworld")] + (
+            ["shapeworld"] if "shapeworld" in enabled else [])
+        try:
+            for name in order[:-1]:
+                run_part(name)
+        finally:
+            # the last (the ShapeWorld bench, the longest) waits for lmms-eval and takes every thread: a torch thread
+            # count cannot change inside a running part, and this order is never slower than lmms-eval alone first
+            if lmms is not None:
+                lmms.join()
+            torch.set_num_threads(threads)
+        for name in order[-1:]:
+            run_part(name)
+    entries: list[Entry] = [e for name in enabled if name in results for e in results[name][0]]
+    samples: list[tuple[str, str]] = [s for name in enabled if name in results for s in results[name][2]]
+    parts = {name: parts[name] for name in enabled if name in parts}
     grid = cfg.grid_samples > 0 and write_samples_grid(out / "samples.png", samples, cfg.grid_samples)
     from unified_mllm.config import to_dict
 

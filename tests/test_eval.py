@@ -539,11 +539,35 @@ def test_suite_writes_every_number_with_its_provenance(suite_run, pipe, sw_data)
         assert [_reply(s) for s in samples] == answers
         acc = sum(a.lower().strip() == pope[s["doc_id"]]["answer"] for a, s in zip(answers, samples)) / 3
         assert metrics[("shapeworld_pope_heldin", "pope_accuracy")]["value"] == pytest.approx(acc)
+        # on a CPU lmms-eval's process ran beside the other parts on half the threads; the summary keeps the run order
+        threads = torch.get_num_threads()
+        log = (out / "lmms_eval" / "results" / "lmms_eval.log").read_text()
+        assert f"batch size 4, {threads // 2 if threads >= 2 else threads} threads" in log
+    assert list(summary["parts"]) == [name for name in ("lmms_eval", "shapeworld", "grounding", "geneval", "dpg")
+                                      if name in summary["parts"]]
+    assert entries[0]["scorer"].startswith("lmms-eval") == HAVE_LMMS  # its numbers first, although it ran beside
     md = (out / "summary.md").read_text()
     assert md.count("\n| ") == len(entries) + 1  # header + one row per number
     assert Image.open(out / "samples.png").size[0] > 0
     assert len(list((out / "geneval").glob("0000*/samples/*.png"))) == 6
     assert len(list((out / "dpg" / "images").glob("sw*.png"))) == 2
+
+
+def test_lmms_eval_runs_beside_the_other_parts_only_on_a_cpu(monkeypatch) -> None:
+    from eval.config import load_suite_config
+    from eval.suite import lmms_threads_beside
+
+    def beside(threads: int, *sets: str) -> int | None:
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        return lmms_threads_beside(load_suite_config("eval_configs/shapeworld.yaml", ["data=d", *sets]))
+
+    assert beside(2, "device=cpu") == 1 and beside(16, "device=cpu") == 8
+    assert beside(1, "device=cpu") is None  # one thread: nothing to share
+    assert beside(16, "device=cuda") is None  # one copy of the model on the GPU at a time
+    assert beside(16, "device=cpu", "lmms_eval.beside=false") is None
+    assert beside(16, "device=cpu", "lmms_eval.enabled=false") is None
+    alone = ["shapeworld.enabled=false", "grounding.enabled=false", "geneval.enabled=false", "dpg.enabled=false"]
+    assert beside(16, "device=cpu", *alone) is None  # nothing to run beside it
 
 
 def test_eval_configs_validate_and_errors_name_the_field(tmp_path: Path) -> None:
