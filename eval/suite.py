@@ -235,7 +235,7 @@ def run_suite(checkpoint: str, cfg: SuiteConfig, out: str | Path, config_name: s
         return None
 
     def run_part(name: str, fn=None) -> None:
-        nonlocal pipe
+        """Run a part (``fn``, or its PARTS function) and record its numbers and seconds, or its failure."""
         log(f"[suite] {name}")
         start = time.perf_counter()
 
