@@ -95,6 +95,14 @@ def test_precision_auto_on_cpu_is_bf16_autocast_only_with_native_bf16(monkeypatc
     assert "torch_autocast" not in build_ds_config(auto, cfg.optim, 1, tokenizer_precision)
     # the config follows the precision it is handed, not its own resolution of auto
     assert build_ds_config(auto, cfg.optim, 1, "bf16_autocast")["torch_autocast"] == autocast
+    # a reduction dtype DeepSpeed would ignore under autocast is one error naming the file and the key; fp32 is what
+    # it does anyway, and bf16 proper honours the key
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "communication_data_type": "bf16"}))
+    with pytest.raises(ConfigError, match=r"ds\.json.*communication_data_type.*ignored.*bf16_autocast"):
+        build_ds_config(auto, cfg.optim, 1, "bf16_autocast")
+    assert build_ds_config(auto, cfg.optim, 1, "bf16")["communication_data_type"] == "bf16"
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "communication_data_type": "fp32"}))
+    assert build_ds_config(auto, cfg.optim, 1, "bf16_autocast")["communication_data_type"] == "fp32"
 
 
 def test_ds_config_missing_file_names_the_field() -> None:
