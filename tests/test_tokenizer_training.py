@@ -229,7 +229,11 @@ def test_teacher_trains_under_bf16_autocast_with_fp32_weights(shapeworld: Path, 
     metas = {p: train_shapeworld_teacher(shapeworld, tmp_path / p, 16, 40, 16, 96, precision=p)
              for p in ("fp32", "bf16")}
     assert metas["bf16"]["precision"] == "bf16" and metas["fp32"]["precision"] == "fp32"
-    assert all(t.dtype == torch.float32 for t in load_file(str(tmp_path / "bf16" / "model.safetensors")).values())
+    weights = {p: load_file(str(tmp_path / p / "model.safetensors")) for p in ("fp32", "bf16")}
+    assert all(t.dtype == torch.float32 for t in weights["bf16"].values())
+    # the forward really ran in bf16: same seed, same batches, different weights (a precision only written to the
+    # config would leave them equal to the bit)
+    assert any(not torch.equal(weights["bf16"][k], weights["fp32"][k]) for k in weights["fp32"])
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["precision"] == "bf16"
     assert abs(metas["bf16"]["final_loss"] - metas["fp32"]["final_loss"]) < 0.1 * metas["fp32"]["final_loss"]
 
