@@ -103,6 +103,9 @@ def test_precision_auto_on_cpu_is_bf16_autocast_only_with_native_bf16(monkeypatc
     assert build_ds_config(auto, cfg.optim, 1, "bf16")["communication_data_type"] == "bf16"
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "communication_data_type": "fp32"}))
     assert build_ds_config(auto, cfg.optim, 1, "bf16_autocast")["communication_data_type"] == "fp32"
+    # null is DeepSpeed's own default (the dtype follows the parameters): no error
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "communication_data_type": None}))
+    assert build_ds_config(auto, cfg.optim, 1, "bf16_autocast")["communication_data_type"] is None
 
 
 def test_ds_config_missing_file_names_the_field() -> None:

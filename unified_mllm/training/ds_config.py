@@ -70,13 +70,15 @@ def build_ds_config(section: DeepSpeedSection, optim: OptimConfig, world_size: i
     cfg["bf16"] = {"enabled": precision == "bf16"}
     cfg.pop("fp16", None)
     cfg.pop("torch_autocast", None)
-    if precision == "bf16_autocast" and str(cfg.get("communication_data_type", "fp32")).lower() != "fp32":
-        # ZeRO under torch autocast reduces each parameter's gradient in that parameter's dtype (fp32 here): the key
-        # would be ignored without a word, and the run would not reduce in the dtype its JSON names (NOTES.md, session 28)
-        raise ConfigError(section.config, "communication_data_type", f"{cfg['communication_data_type']!r} is ignored by "
-                          "DeepSpeed under deepspeed.precision bf16_autocast (gradients reduce in fp32); remove it, or "
-                          "set deepspeed.precision: bf16")
     if precision == "bf16_autocast":
+        comm = cfg.get("communication_data_type")  # DeepSpeed's default, null, leaves the dtype to the parameters
+        if comm is not None and str(comm).lower() != "fp32":
+            # ZeRO under torch autocast reduces each parameter's gradient in that parameter's dtype (fp32 here): the
+            # key would be ignored without a word, and the run would not reduce in the dtype its JSON names (NOTES.md,
+            # session 28)
+            raise ConfigError(section.config, "communication_data_type", f"{comm!r} is ignored by DeepSpeed under "
+                              "deepspeed.precision bf16_autocast (gradients reduce in fp32); remove it, or set "
+                              "deepspeed.precision: bf16")
         # No lower-precision modules: DeepSpeed would otherwise reduce nn.Linear gradients in bf16; kept in fp32, they
         # are averaged exactly and reach Muon's fp32 Newton-Schulz as they are.
         cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
