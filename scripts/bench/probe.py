@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tokenizer.probe import fit_linear_probe, probe_objective  # noqa: E402
+from tokenizer.probe import fit_linear_probe, probe_objective, standardise  # noqa: E402
 
 
 def adam_probe(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float = 1e-3) -> torch.nn.Linear:
@@ -35,15 +35,15 @@ def adam_probe(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: flo
 
 
 def problems(args) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(name, train x, train y, test x, test y), standardised on the training features."""
+    """(name, train x, test x, train y, test y), standardised on the training features."""
     raw = []
     if args.checkpoint:
         from tokenizer.model import WinTok
-        from tokenizer.probe import _load_split, features, label_tasks
+        from tokenizer.probe import features, label_tasks, load_split
 
         model = WinTok.from_checkpoint(args.checkpoint).freeze()
-        tr_files, tr_scenes = _load_split(Path(args.data), "train", 3000)
-        te_files, te_scenes = _load_split(Path(args.data), "test_heldin", 600)
+        tr_files, tr_scenes = load_split(Path(args.data), "train", 3000)
+        te_files, te_scenes = load_split(Path(args.data), "test_heldin", 600)
         tr, te = features(model, tr_files), features(model, te_files)
         for task, label in label_tasks().items():
             tr_idx = [i for i, s in enumerate(tr_scenes) if label(s) is not None]
@@ -58,11 +58,7 @@ def problems(args) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, 
             x = z @ torch.randn(64, 2048, generator=g) + 0.1 * torch.randn(3600, 2048, generator=g)
             y = (z[:, :4] + 0.5 * torch.randn(3600, 4, generator=g)).argmax(1)
             raw.append((name, x[:3000], y[:3000], x[3000:], y[3000:]))
-    out = []
-    for name, xt, yt, xe, ye in raw:
-        mean, std = xt.mean(0), xt.std(0).clamp_min(1e-6)
-        out.append((name, (xt - mean) / std, yt, (xe - mean) / std, ye))
-    return out
+    return [(name, *standardise(xt, xe), yt, ye) for name, xt, yt, xe, ye in raw]
 
 
 def main() -> int:
@@ -73,7 +69,7 @@ def main() -> int:
     if bool(args.checkpoint) != bool(args.data):
         p.error("--checkpoint and --data go together")
     totals = {"lbfgs": 0.0, "adam": 0.0}
-    for name, xt, yt, xe, ye in problems(args):
+    for name, xt, xe, yt, ye in problems(args):
         classes = int(max(yt.max(), ye.max())) + 1
         row = []
         for kind, fit in (("lbfgs", fit_linear_probe), ("adam", adam_probe)):
