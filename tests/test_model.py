@@ -204,10 +204,14 @@ def test_depth_head_stepwise_equals_teacher_forced(assets: Path, width: int) -> 
     v = model.config.vision
     h = torch.randn(5, model.llm.config.hidden_size)
     codes = torch.randint(0, v.codebook_size, (5, v.num_codebooks))
+    cache: dict = {}  # sampling's path: each sub-code's keys and values kept for the next
     with torch.no_grad():
         full = head(h, codes)
         for k in range(v.num_codebooks):
             torch.testing.assert_close(head.next_logits(h, codes[:, :k]), full[:, k], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(head.next_logits(h, codes[:, :k], cache), full[:, k], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="cache holds 4 sub-codes, asked for sub-code 1"):
+            head.next_logits(h, codes[:, :1], cache)  # a cache of another position is not reused
 
 
 def test_special_tokens_added_through_the_api(assets: Path) -> None:
@@ -255,7 +259,8 @@ def test_slot_embedding_tells_identical_tokens_apart(assets: Path) -> None:
 @pytest.mark.parametrize("embedding", ["sum", "causal_proj"])
 def test_generation_position_embedding_gives_each_slot_its_row_and_column(assets: Path, embedding: str) -> None:
     """The same code in every slot: without grid positions every slot's summed input is the same; with them each slot
-    differs, and a prefix of the slots (what cached generation embeds) gets the same vectors as the full image.
+    differs, and a prefix of the slots (what cached generation embeds) gets the same vectors as the full image, and the
+    last slot of a prefix alone (``last``, what sampling embeds) the same as with the prefix.
     (The causal projection tells slots apart by itself; there only the positions' part is checked.)"""
     for flag in (False, True):
         model, _, _ = build(assets, generation={"embedding": embedding, "position_embedding": flag})
@@ -264,6 +269,8 @@ def test_generation_position_embedding_gives_each_slot_its_row_and_column(assets
         with torch.no_grad():
             out = model.gen_embedding(codes)[0]  # (P, H)
             prefix = model.gen_embedding(codes[:, :, :5])[0]
+            drawn = torch.randint(0, v.codebook_size, (2, v.num_codebooks, 7))
+            torch.testing.assert_close(model.gen_embedding.last(drawn), model.gen_embedding(drawn)[:, -1:])
         distinct = len({tuple(row.tolist()) for row in out})
         if flag or embedding == "sum":
             assert distinct == (v.num_positions if flag else 1)

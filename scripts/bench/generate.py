@@ -3,8 +3,9 @@
     python scripts/bench/generate.py [--checkpoint DIR] [--prompts 8] [--num-images 4] [--naive-images 2]
 
 Ours: ``UnifiedPipeline.generate_images`` — conditional + unconditional rows in one batch, KV cache, the head on
-the last position only. Naive: one image at a time, no cache, the conditional and unconditional sequences as
-separate full forward passes at every position (``unified_mllm.inference.naive``). Both decode with WinTok.
+the last position only (the depth head's sub-codes cached too), each new position embedded alone. Naive: one image
+at a time, no cache, the conditional and unconditional sequences as separate full forward passes at every position
+(``unified_mllm.inference.naive``). Both decode with WinTok.
 Without ``--checkpoint`` the ShapeWorld-tiny architecture (stage_configs/shapeworld_tiny_base.yaml + the
 tokenizer preset of stage_configs/tokenizer.yaml) is built with random weights: speed does not depend on them.
 Prints image tokens/s (positions × sub-codes) and per-image latency of both and their ratio.

@@ -309,8 +309,9 @@ class UnifiedPipeline:
         head, embedding = self.model.gen_head, self.model.gen_embedding
         for p in range(v.num_positions):
             chosen = torch.zeros(hidden.shape[0], 0, dtype=torch.long, device=self.device)
+            head_cache: dict = {}  # the depth head's keys and values of this position's sub-codes
             for _ in range(v.num_codebooks):
-                logits = head.next_logits(hidden, chosen).float()  # (B, K)
+                logits = head.next_logits(hidden, chosen, head_cache).float()  # (B, K)
                 if guided:
                     logits = logits[n:] + cfg_scale * (logits[:n] - logits[n:])
                 if record is not None:
@@ -321,7 +322,7 @@ class UnifiedPipeline:
             if p == v.num_positions - 1:
                 break
             so_far = torch.cat([codes[:, :, : p + 1]] * (2 if guided else 1))  # (B, C, p+1)
-            emb = embedding(so_far)[:, -1:]  # (B, 1, H): the causal embedding only looks back
+            emb = embedding.last(so_far)  # (B, 1, H): the embedding of the position just drawn
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             pos = pos[:, -1:] + 1
             out = self._llm(emb.to(self.dtype), mask, pos, cache)

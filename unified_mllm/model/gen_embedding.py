@@ -31,9 +31,9 @@ class GridPositionEmbedding(nn.Module):
         self.row = nn.Parameter(torch.randn(side + 1, hidden_size))  # + the row past the grid (after the last slot)
         self.col = nn.Parameter(torch.randn(side, hidden_size))
 
-    def forward(self, num_slots: int) -> torch.Tensor:
-        """(P, H) for the first ``num_slots`` slots."""
-        nxt = torch.arange(1, num_slots + 1, device=self.row.device)
+    def forward(self, num_slots: int, first: int = 0) -> torch.Tensor:
+        """(P, H) for slots ``first`` … ``num_slots`` − 1."""
+        nxt = torch.arange(first + 1, num_slots + 1, device=self.row.device)
         return self.row[nxt // self.side] + self.col[nxt % self.side]
 
 
@@ -54,6 +54,13 @@ class SumCodeEmbedding(nn.Module):
         """codes (G, C, P) → (G, P, H)."""
         out = sum(e(codes[:, i]) for i, e in enumerate(self.embeds))
         return out if self.grid is None else out + self.grid(codes.shape[2]).to(out.dtype)
+
+    def last(self, codes: torch.Tensor) -> torch.Tensor:
+        """``forward(codes)[:, -1:]``, (G, 1, H), from the last position's codes alone (each position's embedding
+        depends on its own codes only): sampling adds one position at a time."""
+        out = sum(e(codes[:, i, -1:]) for i, e in enumerate(self.embeds))
+        p = codes.shape[2]
+        return out if self.grid is None else out + self.grid(p, first=p - 1).to(out.dtype)
 
 
 class CausalProjEmbedding(nn.Module):
@@ -81,6 +88,10 @@ class CausalProjEmbedding(nn.Module):
         parts = [F.embedding(codes[:, i], F.normalize(self.codebooks[i], dim=-1)) for i in range(self.num_codebooks)]
         out = self.out(self.proj(torch.cat(parts, dim=-1)))  # (G, P, H)
         return out if self.grid is None else out + self.grid(codes.shape[2]).to(out.dtype)
+
+    def last(self, codes: torch.Tensor) -> torch.Tensor:
+        """``forward(codes)[:, -1:]``: the causal projection reads every earlier position."""
+        return self(codes)[:, -1:]
 
 
 def build_gen_embedding(config: UnifiedConfig, hidden_size: int) -> nn.Module:
