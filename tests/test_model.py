@@ -204,7 +204,7 @@ def test_depth_head_stepwise_equals_teacher_forced(assets: Path, width: int) -> 
     v = model.config.vision
     h = torch.randn(5, model.llm.config.hidden_size)
     codes = torch.randint(0, v.codebook_size, (5, v.num_codebooks))
-    cache: dict = {}  # sampling's path: each sub-code's keys and values kept for the next
+    cache: list = []  # sampling's path: each sub-code's keys and values kept for the next
     with torch.no_grad():
         full = head(h, codes)
         for k in range(v.num_codebooks):

@@ -25,7 +25,7 @@ from tokenizer.model import WinTok
 from tokenizer.preprocess import preprocess
 
 
-def load_split(data: Path, split: str, limit: int) -> tuple[list[Path], list[dict]]:
+def _load_split(data: Path, split: str, limit: int) -> tuple[list[Path], list[dict]]:
     scenes = [json.loads(x) for x in (data / f"scenes_{split}.jsonl").read_text().splitlines()][:limit]
     files = [data / "images" / split / f"{s['id'].rsplit('-', 1)[1]}.png" for s in scenes]
     return files, scenes
@@ -94,7 +94,7 @@ def _binding_label(scene: dict, colors: list[str], shapes: list[str]) -> int | N
     return colors.index(first["color"])
 
 
-def label_tasks() -> dict:
+def _label_tasks() -> dict:
     """Task name → the label of a scene for it (None: the scene does not take part)."""
     from unified_mllm.shapeworld.scene import COLORS, SHAPES
 
@@ -107,27 +107,39 @@ def label_tasks() -> dict:
     }
 
 
-def run_probes(model: WinTok, data: str | Path, num_train: int = 3000, num_test: int = 600) -> dict:
+def probe_tasks(model: WinTok, data: str | Path, num_train: int = 3000,
+                num_test: int = 600) -> tuple[int, int, dict[str, tuple | str]]:
+    """The probes' inputs: (training scenes, test scenes, task → (features, training labels, test labels), where
+    features maps "semantic" and "pixel" to (training x, test x) of the task's scenes — or, for a task too few scenes
+    take part in, the reason it is skipped)."""
     data = Path(data)
-    tr_files, tr_scenes = load_split(data, "train", num_train)
-    te_files, te_scenes = load_split(data, "test_heldin", num_test)
+    tr_files, tr_scenes = _load_split(data, "train", num_train)
+    te_files, te_scenes = _load_split(data, "test_heldin", num_test)
     tr_sem, tr_pix = features(model, tr_files)
     te_sem, te_pix = features(model, te_files)
-    result: dict = {"num_train": len(tr_files), "num_test": len(te_files)}
-    for name, label in label_tasks().items():
+    tasks: dict[str, tuple | str] = {}
+    for name, label in _label_tasks().items():
         tr_idx = [i for i, s in enumerate(tr_scenes) if label(s) is not None]
         te_idx = [i for i, s in enumerate(te_scenes) if label(s) is not None]
         if len(set(label(tr_scenes[i]) for i in tr_idx)) < 2 or not te_idx:
-            result[name] = {"skipped": f"too few scenes for this task ({len(tr_idx)} train, {len(te_idx)} test)"}
+            tasks[name] = f"too few scenes for this task ({len(tr_idx)} train, {len(te_idx)} test)"
             continue
-        y_tr = torch.tensor([label(tr_scenes[i]) for i in tr_idx])
-        y_te = torch.tensor([label(te_scenes[i]) for i in te_idx])
-        result[name] = {
-            "semantic": fit_probe(tr_sem[tr_idx], y_tr, te_sem[te_idx], y_te),
-            "pixel": fit_probe(tr_pix[tr_idx], y_tr, te_pix[te_idx], y_te),
-            "chance": float(torch.bincount(y_te).max() / len(y_te)),
-            "num_test": len(te_idx),
-        }
+        feats = {"semantic": (tr_sem[tr_idx], te_sem[te_idx]), "pixel": (tr_pix[tr_idx], te_pix[te_idx])}
+        tasks[name] = (feats, torch.tensor([label(tr_scenes[i]) for i in tr_idx]),
+                       torch.tensor([label(te_scenes[i]) for i in te_idx]))
+    return len(tr_files), len(te_files), tasks
+
+
+def run_probes(model: WinTok, data: str | Path, num_train: int = 3000, num_test: int = 600) -> dict:
+    n_train, n_test, tasks = probe_tasks(model, data, num_train, num_test)
+    result: dict = {"num_train": n_train, "num_test": n_test}
+    for name, task in tasks.items():
+        if isinstance(task, str):
+            result[name] = {"skipped": task}
+            continue
+        feats, y_tr, y_te = task
+        result[name] = {**{kind: fit_probe(x_tr, y_tr, x_te, y_te) for kind, (x_tr, x_te) in feats.items()},
+                        "chance": float(torch.bincount(y_te).max() / len(y_te)), "num_test": len(y_te)}
     return result
 
 

@@ -39,18 +39,14 @@ def problems(args) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, 
     raw = []
     if args.checkpoint:
         from tokenizer.model import WinTok
-        from tokenizer.probe import features, label_tasks, load_split
+        from tokenizer.probe import probe_tasks
 
-        model = WinTok.from_checkpoint(args.checkpoint).freeze()
-        tr_files, tr_scenes = load_split(Path(args.data), "train", 3000)
-        te_files, te_scenes = load_split(Path(args.data), "test_heldin", 600)
-        tr, te = features(model, tr_files), features(model, te_files)
-        for task, label in label_tasks().items():
-            tr_idx = [i for i, s in enumerate(tr_scenes) if label(s) is not None]
-            te_idx = [i for i, s in enumerate(te_scenes) if label(s) is not None]
-            for kind, a, b in (("semantic", tr[0], te[0]), ("pixel", tr[1], te[1])):
-                raw.append((f"{task}/{kind}", a[tr_idx], torch.tensor([label(tr_scenes[i]) for i in tr_idx]),
-                            b[te_idx], torch.tensor([label(te_scenes[i]) for i in te_idx])))
+        _, _, tasks = probe_tasks(WinTok.from_checkpoint(args.checkpoint).freeze(), args.data)
+        for task, inputs in tasks.items():
+            if isinstance(inputs, str):  # too few scenes: the probe skips it too
+                continue
+            feats, y_tr, y_te = inputs
+            raw += [(f"{task}/{kind}", x_tr, y_tr, x_te, y_te) for kind, (x_tr, x_te) in feats.items()]
     else:
         g = torch.Generator().manual_seed(0)
         for name in ("random/a", "random/b"):

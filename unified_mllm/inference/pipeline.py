@@ -309,7 +309,7 @@ class UnifiedPipeline:
         head, embedding = self.model.gen_head, self.model.gen_embedding
         for p in range(v.num_positions):
             chosen = torch.zeros(hidden.shape[0], 0, dtype=torch.long, device=self.device)
-            head_cache: dict = {}  # the depth head's keys and values of this position's sub-codes
+            head_cache: list = []  # the depth head's keys and values of this position's sub-codes
             for _ in range(v.num_codebooks):
                 logits = head.next_logits(hidden, chosen, head_cache).float()  # (B, K)
                 if guided:
@@ -321,8 +321,9 @@ class UnifiedPipeline:
             codes[:, :, p] = chosen[:n]
             if p == v.num_positions - 1:
                 break
-            so_far = torch.cat([codes[:, :, : p + 1]] * (2 if guided else 1))  # (B, C, p+1)
-            emb = embedding.last(so_far)  # (B, 1, H): the embedding of the position just drawn
+            emb = embedding.last(codes[:, :, : p + 1])  # (n, 1, H): the embedding of the position just drawn
+            if guided:  # the unconditional rows drew the same codes
+                emb = torch.cat([emb, emb])
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             pos = pos[:, -1:] + 1
             out = self._llm(emb.to(self.dtype), mask, pos, cache)

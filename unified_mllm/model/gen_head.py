@@ -47,37 +47,37 @@ class DepthHead(nn.Module):
                                                 for i in range(self.num_codebooks - 1)]
         return self._run(torch.cat(prefix, dim=1))
 
-    def next_logits(self, hidden: torch.Tensor, prefix_codes: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    def next_logits(self, hidden: torch.Tensor, prefix_codes: torch.Tensor, cache: list | None = None) -> torch.Tensor:
         """Logits (M, K) of sub-code k = prefix_codes.shape[1], given the k sub-codes chosen so far (M, k).
 
-        ``cache``: a dict, empty for sub-code 0 and passed again for each next one of the same position; the head then
-        runs only the new sub-code's input through its layers, against the keys and values kept there (what the full
-        prefix computes, without recomputing the earlier sub-codes)."""
+        ``cache``: a list, empty for sub-code 0 and passed again for each next one of the same position; the head then
+        runs only the new sub-code's input through its layers, against each layer's keys and values kept there (what
+        the full prefix computes, without recomputing the earlier sub-codes)."""
         k = prefix_codes.shape[1]
         if cache is not None:
-            if cache.get("length", 0) != k:
-                raise ValueError(f"depth head cache holds {cache.get('length', 0)} sub-codes, asked for sub-code {k}")
+            if (held := cache[0][0].shape[2] if cache else 0) != k:
+                raise ValueError(f"depth head cache holds {held} sub-codes, asked for sub-code {k}")
             x = self.inp(hidden)[:, None] if k == 0 else self.code_embed[k - 1](prefix_codes[:, k - 1])[:, None]
             return self._step(x + self.pos[k], cache)
         parts = [self.inp(hidden)[:, None]] + [self.code_embed[i](prefix_codes[:, i])[:, None] for i in range(k)]
         return self._run(torch.cat(parts, dim=1))[:, -1]
 
-    def _step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+    def _step(self, x: torch.Tensor, cache: list) -> torch.Tensor:
         """One more position (M, 1, W) through the blocks (pre-norm encoder layers, as ``_run``), attending to the
-        positions in ``cache`` and itself; → its logits (M, K)."""
+        positions in ``cache`` (layer i's keys and values at ``cache[i]``) and itself; → its logits (M, K)."""
         m, width = x.shape[0], x.shape[-1]
         for i, layer in enumerate(self.blocks.layers):
             attn = layer.self_attn
             heads = attn.num_heads
             q, k, v = (t.view(m, 1, heads, width // heads).transpose(1, 2)
                        for t in F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1))
-            if i in cache:
-                k, v = torch.cat([cache[i][0], k], dim=2), torch.cat([cache[i][1], v], dim=2)
-            cache[i] = (k, v)
-            o = F.scaled_dot_product_attention(q, k, v)  # the newest position sees every earlier one
+            if i < len(cache):
+                cache[i] = (torch.cat([cache[i][0], k], dim=2), torch.cat([cache[i][1], v], dim=2))
+            else:
+                cache.append((k, v))
+            o = F.scaled_dot_product_attention(q, *cache[i])  # the newest position sees every earlier one
             x = x + attn.out_proj(o.transpose(1, 2).reshape(m, 1, width))
             x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
-        cache["length"] = cache.get("length", 0) + 1
         return self.out(self.norm(x))[:, -1]
 
 
@@ -93,7 +93,7 @@ class ParallelHead(nn.Module):
     def forward(self, hidden: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
         return torch.stack([h(hidden) for h in self.heads], dim=1)  # (M, C, K)
 
-    def next_logits(self, hidden: torch.Tensor, prefix_codes: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    def next_logits(self, hidden: torch.Tensor, prefix_codes: torch.Tensor, cache: list | None = None) -> torch.Tensor:
         return self.heads[prefix_codes.shape[1]](hidden)
 
 
