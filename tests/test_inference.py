@@ -11,6 +11,7 @@ from test_model import assets, build  # noqa: F401  (the module-scoped tiny-asse
 
 from unified_mllm.inference import SamplingParams, UnifiedPipeline
 from unified_mllm.inference.naive import naive_answer_ids, naive_generate_codes
+from unified_mllm.inference.sampling import filter_logits, make_generators, sample
 from unified_mllm.model import save_pretrained
 from unified_mllm.shapeworld.render import render
 from unified_mllm.shapeworld.scene import place, random_specs
@@ -41,6 +42,23 @@ def test_cached_batched_cfg_generation_equals_the_naive_loop(pipe: UnifiedPipeli
     # guidance moves the logits: scale 1 (no unconditional pass) differs from scale 3
     _, plain = pipe.generate_codes(prompts[:1], cfg_scale=1.0, seed=3, return_logits=True)
     assert not torch.allclose(plain[:, 0, 0], logits[:1, 0, 0])
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(0.7, top_k=5), SamplingParams(1.3, top_p=0.6)])
+def test_sampling_draws_what_torch_multinomial_draws_row_by_row(params: SamplingParams) -> None:
+    # a seed's images must not change with the sampler's implementation: each row draws, step after step, what
+    # torch.multinomial draws from its probabilities with its own generator (ties included)
+    torch.manual_seed(0)
+    for rows, size, scale in [(1, 2, 1.0), (5, 7, 0.1), (96, 256, 5.0), (3, 1000, 20.0)]:
+        logits = torch.randn(rows, size) * scale
+        logits[:, : size // 2] = logits[:, :1]
+        ours, reference = make_generators(11, rows), make_generators(11, rows)
+        for _ in range(6):
+            probs = filter_logits(logits, params).softmax(-1)
+            expected = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(reference)])
+            assert torch.equal(sample(logits, params, ours), expected)
+    with pytest.raises(ValueError, match="no valid distribution"):
+        sample(torch.full((2, 4), float("nan")), params, make_generators(0, 2))
 
 
 def test_generation_is_seeded_and_images_come_out(pipe: UnifiedPipeline) -> None:
