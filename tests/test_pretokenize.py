@@ -119,13 +119,18 @@ def test_a_pretokenize_interrupted_before_digests_resumes(tmp_path: Path, monkey
     assert np.array_equal(np.array(again["pixel_codes"]), np.array(full["pixel_codes"]))
 
 
-def test_shards_encoded_in_worker_processes_are_the_same_cache(tmp_path: Path, monkeypatch) -> None:
-    """The command's default on a CPU: shards encoded by spawned worker processes (one thread each), joined in key
-    order — the cache one process writes, and an unreadable image is still a counted skip."""
+@pytest.mark.parametrize("start", ["auto", "spawn"])
+def test_shards_encoded_in_worker_processes_are_the_same_cache(tmp_path: Path, monkeypatch, start: str) -> None:
+    """The command's default on a CPU: shards encoded by worker processes (one thread each; forked on Linux, spawned
+    elsewhere), joined in key order — the cache one process writes, and an unreadable image is still a counted skip."""
     import unified_mllm.data.pretokenize as pt
 
     data, wintok = shapeworld_and_wintok(tmp_path, monkeypatch, 20, 2)
     monkeypatch.setattr(pt, "SHARD", 6)  # 4 shards for 2 workers
+    if start == "spawn":
+        monkeypatch.setattr(pt, "worker_start_method", lambda threads: "spawn")
+    elif sys.platform == "linux":
+        assert pt.worker_start_method(1) == "fork" and pt.worker_start_method(2) == "spawn"
     one, s1 = pretokenize("data_recipes/shapeworld_align.yaml", wintok, 4, str(tmp_path / "one"), workers=1)
     bad = sorted((data / "images" / "train").glob("*.png"))[3]
     two, s2 = pretokenize("data_recipes/shapeworld_align.yaml", wintok, 4, str(tmp_path / "two"), workers=2)
