@@ -88,6 +88,8 @@ class CheckpointManager:
         barrier()
         if self.rank == 0:
             meta = {**meta, "step": step, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+            if (layout := getattr(engine, "umllm_param_layout", None)) is not None:
+                meta["param_layout"] = layout
             (partial / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
             partial.rename(final)  # atomic: the directory is complete from the moment it has its name
             for old in self.complete_checkpoints()[: -self.keep_last]:
@@ -97,7 +99,20 @@ class CheckpointManager:
 
     def load(self, engine, path: Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
         """Restore the engine (model, optimizer, scheduler) and return this rank's trainer state. ``config`` (this
-        run's resolved config) names the settings that differ from the checkpoint's when its weights do not fit."""
+        run's resolved config) names the settings that differ from the checkpoint's when its weights do not fit. A
+        checkpoint whose optimizer states were flattened in another parameter order is refused: loaded, each state
+        would land on another parameter."""
+        now = getattr(engine, "umllm_param_layout", None)
+        if now is not None:
+            meta = json.loads((path / "meta.json").read_text())
+            # written before checkpoints recorded it: Muon's matrices were in DeepSpeed's order, by size
+            then = meta.get("param_layout", getattr(engine, "umllm_legacy_param_layout", now))
+            if then != now:
+                raise ValueError(
+                    f"checkpoint.resume: {path} holds optimizer states flattened in another parameter order than "
+                    f"this run's (Muon's matrices are ordered to balance ZeRO's ranks since NOTES.md session 31); "
+                    f"loaded, they would land on other parameters. Resume it with the version that wrote it, or start "
+                    f"afresh: another checkpoint.output_dir, or --set checkpoint.resume=never")
         try:
             load_path, _ = engine.load_checkpoint(str(path / "ds"), tag=DS_TAG, load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)

@@ -69,7 +69,43 @@ def build_optimizer(model: nn.Module, optim: OptimConfig,
         raise ValueError("optim.optimizer: muon found no trainable nn.Linear weight to optimise; use adamw")
     if not torch.cuda.is_available():
         _newton_schulz_for_cpu(ns_dtype)
-    return MuonWithAuxAdam(halves, adam_optimizer=torch.optim.AdamW, adam_optimizer_kwargs={})
+    optimizer = MuonWithAuxAdam(halves, adam_optimizer=torch.optim.AdamW, adam_optimizer_kwargs={})
+    for group in optimizer.param_groups:
+        if group["use_muon"]:  # MuonWithAuxAdam sorted them by size
+            group["params"] = balanced_muon_order(group["params"])
+    return optimizer
+
+
+def newton_schulz_cost(shape: torch.Size | tuple[int, ...]) -> float:
+    """The work of :func:`newton_schulz` on a matrix of ``shape`` (a conv filter as its (out, in·k·k) view): its
+    multiply-add FLOPs on the path it takes (the matrix itself, or its Gram matrix for a wide one), plus 16 MFLOP's
+    worth for the ~15 calls a matrix costs whatever its size (fitted to one CPU thread, bf16 and fp32: NOTES.md,
+    session 31)."""
+    m, n = shape[0], math.prod(shape[1:])
+    m, n = min(m, n), max(m, n)
+    flops = 5 * (4 * m * m * n + 2 * m**3) if n < 2 * m else 8 * m * m * n + 28 * m**3
+    return flops + 16e6
+
+
+def balanced_muon_order(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Muon's matrices in the order ZeRO-1/2 flattens them: each rank orthogonalises the matrices of its contiguous
+    slice of the group (a matrix cut by a slice's edge on both ranks), so the order decides who does how much. By size,
+    as DeepSpeed orders them, the first ranks get the big matrices (the fewest Newton–Schulz FLOPs per element) and
+    the last the small ones: on the mixed stage's 40 matrices over 2 ranks, 30 against 40 ms a step, the first rank
+    idle for the difference. Here each next matrix is the one that keeps the running Newton–Schulz cost closest to
+    its share of the running element count, so any even cut of the sequence holds about its share of the work, on
+    any number of ranks. Deterministic in the shapes and the given order (a checkpoint's flat states depend on it)."""
+    total_cost = sum(newton_schulz_cost(p.shape) for p in params)
+    total_numel = sum(p.numel() for p in params)
+    density = total_cost / max(total_numel, 1)
+    rest, order, cost, numel = list(params), [], 0.0, 0
+    while rest:
+        i = min(range(len(rest)),
+                key=lambda j: abs(cost + newton_schulz_cost(rest[j].shape) - density * (numel + rest[j].numel())))
+        p = rest.pop(i)
+        order.append(p)
+        cost, numel = cost + newton_schulz_cost(p.shape), numel + p.numel()
+    return order
 
 
 def initialize_engine(model: nn.Module, optim: OptimConfig, ds_config: dict):
@@ -88,9 +124,29 @@ def initialize_engine(model: nn.Module, optim: OptimConfig, ds_config: dict):
                                           config=ds_config, lr_scheduler=lambda opt: build_scheduler(opt, optim))
     else:
         optimizer = build_optimizer(model, optim, torch.bfloat16 if computes_in_bf16(ds_config) else torch.float32)
+        layouts = param_layouts(model, optimizer.param_groups)  # read before ZeRO replaces the groups' parameters
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                           lr_scheduler=build_scheduler(optimizer, optim))
+        engine.umllm_param_layout, engine.umllm_legacy_param_layout = layouts
     return engine
+
+
+def param_layouts(model: nn.Module, groups: list[dict]) -> tuple[str, str]:
+    """Digests of the optimizer's parameter order, group by group — the order ZeRO-1/2 flattens them in, so the order
+    of a checkpoint's flat optimizer states — now and as before :func:`balanced_muon_order` (Muon's matrices by size,
+    DeepSpeed's order). The checkpoint records the first; a resume compares them (``CheckpointManager.load``)."""
+    import hashlib
+
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def digest(order: list[list[torch.Tensor]]) -> str:
+        text = "|".join(",".join(names.get(id(p), "?") for p in params) for params in order)
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+    now = [list(g["params"]) for g in groups]
+    before = [sorted(g["params"], key=lambda p: p.size(), reverse=True) if g.get("use_muon") else list(g["params"])
+              for g in groups]
+    return digest(now), digest(before)
 
 
 def _newton_schulz_for_cpu(dtype: torch.dtype = torch.float32) -> None:
