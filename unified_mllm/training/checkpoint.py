@@ -107,6 +107,8 @@ class CheckpointManager:
             meta = json.loads((path / "meta.json").read_text())
             # written before checkpoints recorded it: Muon's matrices were in DeepSpeed's order, by size
             then = meta.get("param_layout", getattr(engine, "umllm_legacy_param_layout", now))
+            if then != now and self.model_differences(path, config):  # another model: say which settings differ
+                raise ValueError(self.mismatch_message(path, config, RuntimeError("parameter order")))
             if then != now:
                 raise ValueError(
                     f"checkpoint.resume: {path} holds optimizer states flattened in another parameter order than "
@@ -130,13 +132,19 @@ class CheckpointManager:
         return _from_safe(torch.load(state_file, map_location="cpu", weights_only=True))
 
     @staticmethod
+    def model_differences(path: Path, config: dict[str, Any] | None) -> list[str]:
+        """``key: then → now`` for each model and trainable setting where this run's config differs from the
+        checkpoint's."""
+        then = json.loads((path / "meta.json").read_text()).get("config", {})
+        config = json.loads(json.dumps(config or {}, default=str))  # as meta.json holds it: lists, not tuples
+        return [f"{k}: {a!r} → {b!r}" for section in ("model", "train")
+                for k, a, b in _differences(then.get(section, {}), config.get(section, {}), section)]
+
+    @staticmethod
     def mismatch_message(path: Path, config: dict[str, Any] | None, error: Exception) -> str:
         """One error for a checkpoint whose weights do not fit this run's model: the model and trainable settings
         that differ (checkpoint → now), and the two ways on."""
-        then = json.loads((path / "meta.json").read_text()).get("config", {})
-        config = json.loads(json.dumps(config or {}, default=str))  # as meta.json holds it: lists, not tuples
-        diffs = [f"{k}: {a!r} → {b!r}" for section in ("model", "train")
-                 for k, a, b in _differences(then.get(section, {}), config.get(section, {}), section)]
+        diffs = CheckpointManager.model_differences(path, config)
         detail = next((line.strip() for line in str(error).splitlines()[1:]), str(error))  # torch's first key list
         what = ("; ".join(diffs) + " (checkpoint → this run)") if diffs else f"the model differs ({detail[:300]})"
         return (f"checkpoint.resume: {path} was written by a run with another model: {what}. Set those back to "
