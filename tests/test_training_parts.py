@@ -150,6 +150,21 @@ def test_a_checkpoint_of_another_parameter_order_is_refused_before_loading(tmp_p
     assert mgr.load(Engine(), path) == {"step": 10} and Engine.loaded
 
 
+def test_a_checkpoint_without_an_order_record_is_read_as_deepspeeds_by_size_order(monkeypatch) -> None:
+    """Checkpoints written before the order was recorded hold Muon's matrices in DeepSpeed's by-size order: the
+    digest a resume compares them with is that order's, and this run's balanced order is another."""
+    import unified_mllm.training.optimizer as opt_mod
+    from unified_mllm.config.stage import OptimConfig
+
+    lin = torch.nn.Linear
+    model = torch.nn.Sequential(lin(16, 32), lin(32, 16), lin(16, 32), lin(32, 32), lin(32, 16))
+    balanced = opt_mod.build_optimizer(model, OptimConfig(optimizer="muon"))
+    now, legacy = opt_mod.param_layouts(model, balanced.param_groups)
+    monkeypatch.setattr(opt_mod, "balanced_muon_order", lambda params: params)
+    deepspeeds = opt_mod.build_optimizer(model, OptimConfig(optimizer="muon"))
+    assert opt_mod.param_layouts(model, deepspeeds.param_groups) == (legacy, legacy) and now != legacy
+
+
 def test_muon_matrices_are_ordered_so_each_rank_orthogonalises_its_share() -> None:
     """ZeRO-1/2 gives each rank a contiguous, equal slice of a group's elements and the rank orthogonalises every
     Muon matrix its slice touches. In the order used, on the mixed preset's shapes and the WinTok's, the busiest of 2

@@ -144,6 +144,7 @@ def param_layouts(model: nn.Module, groups: list[dict]) -> tuple[str, str]:
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     now = [list(g["params"]) for g in groups]
+    # exact: DeepSpeed's sort is stable, and balanced_muon_order keeps same-shaped matrices in their relative order
     before = [sorted(g["params"], key=lambda p: p.size(), reverse=True) if g.get("use_muon") else list(g["params"])
               for g in groups]
     return digest(now), digest(before)
