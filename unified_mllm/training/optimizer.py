@@ -95,16 +95,13 @@ def balanced_muon_order(params: list[torch.Tensor]) -> list[torch.Tensor]:
     idle for the difference. Here each next matrix is the one that keeps the running Newton–Schulz cost closest to
     its share of the running element count, so any even cut of the sequence holds about its share of the work, on
     any number of ranks. Deterministic in the shapes and the given order (a checkpoint's flat states depend on it)."""
-    total_cost = sum(newton_schulz_cost(p.shape) for p in params)
-    total_numel = sum(p.numel() for p in params)
-    density = total_cost / max(total_numel, 1)
-    rest, order, cost, numel = list(params), [], 0.0, 0
+    rest = [(newton_schulz_cost(p.shape), p.numel(), p) for p in params]  # each matrix's cost, computed once
+    density = sum(c for c, _, _ in rest) / max(sum(n for _, n, _ in rest), 1)
+    order, cost, numel = [], 0.0, 0
     while rest:
-        i = min(range(len(rest)),
-                key=lambda j: abs(cost + newton_schulz_cost(rest[j].shape) - density * (numel + rest[j].numel())))
-        p = rest.pop(i)
+        c, n, p = rest.pop(min(range(len(rest)), key=lambda j: abs(cost + rest[j][0] - density * (numel + rest[j][1]))))
         order.append(p)
-        cost, numel = cost + newton_schulz_cost(p.shape), numel + p.numel()
+        cost, numel = cost + c, numel + n
     return order
 
 
